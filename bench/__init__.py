@@ -1,0 +1,1 @@
+"""Braid benchmarks: ``python -m bench [--section NAME] [--quick]`` (see bench.framework)."""

@@ -1,0 +1,1 @@
+"""Benchmark sections: each module exposes ``run(ctx) -> list[Metric]``; its docstring describes it."""

@@ -1,0 +1,3 @@
+"""Braid shared library."""
+
+__version__ = "0.1.0"

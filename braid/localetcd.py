@@ -1,0 +1,112 @@
+"""Run a single-member etcd server from Debian's etcd-server package.
+
+Used by ``braid cluster up`` (the embedded local cluster) and by the tests,
+which start their own etcd on free ports with a temporary data directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def etcd_binary() -> str:
+    path = shutil.which("etcd") or "/usr/bin/etcd"
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            "etcd not found: install Debian's etcd-server package (make setup does)"
+        )
+    return path
+
+
+class EtcdProcess:
+    """One etcd member on loopback. ``start()`` waits until it serves."""
+
+    def __init__(self, data_dir: str | Path, client_port: int = 0, peer_port: int = 0,
+                 name: str = "braid", log_path: str | Path | None = None):
+        self.data_dir = Path(data_dir)
+        self.client_port = client_port or free_port()
+        self.peer_port = peer_port or free_port()
+        self.name = name
+        self.log_path = Path(log_path) if log_path else self.data_dir.parent / f"{name}-etcd.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def command(self) -> list[str]:
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        return [
+            etcd_binary(),
+            "--name", self.name,
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", client,
+            "--advertise-client-urls", client,
+            "--listen-peer-urls", peer,
+            "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{self.name}={peer}",
+            "--initial-cluster-state", "new",
+            "--logger", "zap",
+            "--log-outputs", "stderr",
+            # keep history for watch resume; we compact ourselves in tests
+            "--auto-compaction-retention", "0",
+        ]
+
+    def start(self, timeout: float = 20.0) -> "EtcdProcess":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"etcd exited with {self.proc.returncode}; see {self.log_path}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.client_port), timeout=0.5):
+                    pass
+                # the port answers; check it serves requests
+                out = subprocess.run(
+                    ["etcdctl", f"--endpoints={self.endpoint}", "endpoint", "health"],
+                    capture_output=True, text=True, timeout=5,
+                    env={**os.environ, "ETCDCTL_API": "3"},
+                )
+                if out.returncode == 0:
+                    return
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"etcd did not become ready in {timeout}s; see {self.log_path}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if not self.proc or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
