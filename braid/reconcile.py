@@ -128,10 +128,13 @@ class WorkQueue:
                 self._cond.notify()
 
     def shutdown(self) -> None:
-        """Stop the queue: wake every blocked ``get`` (it returns ``None``)."""
+        """Stop the queue: drop pending keys and wake every blocked ``get`` (returns ``None``)."""
         with self._cond:
             self._shutdown = True
-            self._cond.notify_all()
+            self._queue.clear()
+            self._dirty.clear()
+            self._delayed.clear()
+            self._delayed_at.clear()
 
     @property
     def shutting_down(self) -> bool:

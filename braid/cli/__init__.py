@@ -1,0 +1,1 @@
+"""The ``braid`` command-line client."""

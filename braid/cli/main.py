@@ -1,0 +1,397 @@
+"""``braid``: the command-line client and the local-cluster launcher.
+
+Exit codes: 0 success, 1 error, 2 bad usage or invalid input, 3 not found,
+4 conflict (exists / modified concurrently), 5 cluster unreachable.
+
+The API address comes from ``--server``, else ``$BRAID_SERVER``, else the
+local cluster's state (``<data-dir>/cluster.json``, data dir from
+``--data-dir`` / ``$BRAID_DATA_DIR`` / ``~/.braid``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import grpc
+
+from braid import kinds as K
+from braid.cli import manifests, output
+from braid.client import ApiCallError, Client
+from braid.localcluster import ClusterError, LocalCluster, default_data_dir
+from braid.v1 import meta_pb2
+
+EXIT_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT: 2,
+    grpc.StatusCode.OUT_OF_RANGE: 2,
+    grpc.StatusCode.NOT_FOUND: 3,
+    grpc.StatusCode.ALREADY_EXISTS: 4,
+    grpc.StatusCode.ABORTED: 4,
+    grpc.StatusCode.FAILED_PRECONDITION: 4,
+    grpc.StatusCode.UNAVAILABLE: 5,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 5,
+}
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def err(msg: str) -> None:
+    print(f"braid: {msg}", file=sys.stderr)
+
+
+# -- connection ----------------------------------------------------------------
+
+def server_address(args) -> str:
+    if args.server:
+        return args.server
+    if os.environ.get("BRAID_SERVER"):
+        return os.environ["BRAID_SERVER"]
+    cluster = LocalCluster(args.data_dir)
+    addr = cluster.api_address
+    if not addr or not cluster.running():
+        raise CliError(f"no cluster to talk to: none runs from {cluster.data_dir} "
+                       "(start one with `braid cluster up`, or pass --server / set BRAID_SERVER)", 5)
+    return addr
+
+
+def client(args) -> Client:
+    return Client(server_address(args), timeout=args.timeout)
+
+
+def kind_arg(name: str) -> K.Kind:
+    try:
+        return K.lookup(name)
+    except K.UnknownKind as exc:
+        raise CliError(str(exc), 2) from None
+
+
+# -- resource commands ---------------------------------------------------------
+
+def cmd_get(args) -> int:
+    kind = kind_arg(args.kind)
+    with client(args) as c:
+        if args.names:
+            objs = [c.get(kind, n) for n in args.names]
+        else:
+            objs, _, corrupt = c.list(kind, args.selector or "")
+            for name in corrupt:
+                err(f"warning: {kind.name} {name!r} is stored in an unreadable form and was skipped")
+    if not objs and args.output in ("table", "wide"):
+        print(f"No {kind.plural} found.", file=sys.stderr)
+        return 0
+    print(output.render(kind, objs, args.output, single=bool(args.names)))
+    return 0
+
+
+def cmd_describe(args) -> int:
+    kind = kind_arg(args.kind)
+    with client(args) as c:
+        obj = c.get(kind, args.name)
+    if args.output in ("json", "yaml"):
+        print(output.render(kind, [obj], args.output, single=True))
+    else:
+        print(output.describe(kind, obj))
+    return 0
+
+
+def _docs(args) -> list[manifests.Doc]:
+    try:
+        docs = []
+        for f in args.filename:
+            docs += manifests.load(f)
+        return docs
+    except manifests.ManifestError as exc:
+        raise CliError(str(exc), 2) from None
+
+
+def cmd_create(args) -> int:
+    docs = _docs(args)
+    with client(args) as c:
+        for d in docs:
+            obj = c.create(d.obj)
+            print(f"{d.kind.name}/{obj.metadata.name} created", flush=True)
+    return 0
+
+
+def cmd_apply(args) -> int:
+    """Create what is missing, update what exists (retrying a lost CAS race)."""
+    docs = _docs(args)
+    with client(args) as c:
+        for d in docs:
+            for attempt in range(5):
+                try:
+                    current = c.get(d.kind, d.obj.metadata.name)
+                except ApiCallError as exc:
+                    if exc.code != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    try:
+                        c.create(d.obj)
+                        print(f"{d.kind.name}/{d.obj.metadata.name} created", flush=True)
+                        break
+                    except ApiCallError as exc2:
+                        if exc2.code == grpc.StatusCode.ALREADY_EXISTS:
+                            continue
+                        raise
+                new = type(d.obj)()
+                new.CopyFrom(d.obj)
+                new.metadata.resource_version = current.metadata.resource_version
+                try:
+                    updated = c.update(new)
+                except ApiCallError as exc:
+                    if exc.code == grpc.StatusCode.ABORTED and attempt < 4:
+                        continue
+                    raise
+                changed = updated.metadata.generation != current.metadata.generation or \
+                    dict(updated.metadata.labels) != dict(current.metadata.labels)
+                print(f"{d.kind.name}/{d.obj.metadata.name} {'configured' if changed else 'unchanged'}")
+                break
+    return 0
+
+
+def cmd_delete(args) -> int:
+    targets: list[tuple[K.Kind, str]] = []
+    if args.filename:
+        targets = [(d.kind, d.obj.metadata.name) for d in _docs(args)]
+    else:
+        if not args.kind or not args.names:
+            raise CliError("usage: braid delete KIND NAME... | braid delete -f FILE", 2)
+        kind = kind_arg(args.kind)
+        targets = [(kind, n) for n in args.names]
+    rc = 0
+    with client(args) as c:
+        for kind, name in targets:
+            try:
+                c.delete(kind, name, args.resource_version)
+                print(f"{kind.name}/{name} deleted")
+            except ApiCallError as exc:
+                if exc.code == grpc.StatusCode.NOT_FOUND and args.ignore_not_found:
+                    continue
+                err(str(exc))
+                rc = max(rc, EXIT_CODES.get(exc.code, 1))
+    return rc
+
+
+def cmd_watch(args) -> int:
+    kind = kind_arg(args.kind)
+    c = client(args)
+    stream = c.watch(kind, resource_version=args.resource_version, name=args.name or "",
+                     label_selector=args.selector or "")
+    if args.timeout_watch:
+        threading.Timer(args.timeout_watch, stream.cancel).start()
+    signal.signal(signal.SIGTERM, lambda *_: stream.cancel())
+    try:
+        for ev in stream:
+            typ = meta_pb2.EventType.Name(ev.type)
+            if args.output == "json":
+                out = {"type": typ, "revision": ev.revision}
+                if ev.type != meta_pb2.SYNCED:
+                    out["object"] = output.as_dict(kind, ev.object)
+                print(json.dumps(out), flush=True)
+            elif ev.type == meta_pb2.SYNCED:
+                print(f"-- synced at revision {ev.revision}", flush=True)
+            else:
+                phase = getattr(ev.object.status, "phase", "") or "-"
+                print(f"{typ:<9} {kind.name}/{ev.object.metadata.name}  phase={phase} "
+                      f"revision={ev.revision}", flush=True)
+    except KeyboardInterrupt:
+        stream.cancel()
+    finally:
+        c.close()
+    return 0
+
+
+# -- cluster commands --------------------------------------------------------------
+
+def cmd_cluster_up(args) -> int:
+    cluster = LocalCluster(args.data_dir)
+    say = (lambda s: print(f"  {s}", flush=True))
+    print(f"Starting a local Braid cluster with {args.nodes} node(s) in {cluster.data_dir}")
+    t0 = time.monotonic()
+    try:
+        state = cluster.up(nodes=args.nodes, lease_ttl=args.lease_ttl, timeout=args.wait,
+                           progress=say)
+    except ClusterError as exc:
+        raise CliError(str(exc)) from None
+    print(f"Cluster ready in {time.monotonic() - t0:.1f}s.")
+    print(f"  API (gRPC):  {state['api']}")
+    print(f"  etcd:        {state['etcd']}  (prefix /braid/)")
+    print(f"  logs:        {cluster.data_dir / 'logs'}")
+    print("Try: braid get nodes; braid apply -f examples/; braid cluster down")
+    if not args.foreground:
+        return 0
+    print("Running in the foreground; Ctrl-C stops the cluster.", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            dead = [p.name for p in cluster.procs() if not p.alive()]
+            if dead:
+                err(f"processes exited: {', '.join(dead)} (see {cluster.data_dir / 'logs'})")
+                break
+    except KeyboardInterrupt:
+        pass
+    print("\nStopping the cluster ...", flush=True)
+    cluster.down(progress=say)
+    return 0
+
+
+def cmd_cluster_down(args) -> int:
+    cluster = LocalCluster(args.data_dir)
+    if cluster.state() is None:
+        print(f"No cluster runs from {cluster.data_dir}.")
+        return 0
+    try:
+        killed = cluster.down(progress=lambda s: print(f"  {s}"))
+    except ClusterError as exc:
+        raise CliError(str(exc)) from None
+    if killed:
+        err(f"had to kill: {', '.join(killed)}")
+    print("Cluster stopped.")
+    return 0
+
+
+def cmd_cluster_status(args) -> int:
+    cluster = LocalCluster(args.data_dir)
+    procs = cluster.procs()
+    if not procs and not args.server and not os.environ.get("BRAID_SERVER"):
+        print(f"No cluster runs from {cluster.data_dir}.")
+        return 3
+    info = None
+    try:
+        with client(args) as c:
+            info = c.info()
+            nodes, _, _ = c.list("node")
+    except (ApiCallError, CliError) as exc:
+        err(f"API unreachable: {exc}")
+        nodes = []
+    if args.output == "json":
+        out = {"data_dir": str(cluster.data_dir),
+               "processes": [{"name": p.name, "pid": p.pid, "alive": p.alive()} for p in procs]}
+        if info is not None:
+            out["info"] = output.K.to_dict(info)
+            out["nodes"] = [output.as_dict(K.lookup("node"), n) for n in nodes]
+        print(json.dumps(out, indent=2))
+        return 0 if info is not None else 5
+    if procs:
+        alive = sum(p.alive() for p in procs)
+        print(f"Local cluster in {cluster.data_dir}: {alive}/{len(procs)} processes running")
+        for p in procs:
+            print(f"  {p.name:<24} pid {p.pid:<8} {'running' if p.alive() else 'STOPPED'}")
+    if info is not None:
+        print(f"Cluster {info.cluster_name!r} (braid {info.version}), etcd revision {info.etcd_revision}")
+        print(f"Nodes: {info.nodes_ready}/{info.nodes_total} Ready")
+        for name, holder in sorted(info.leaders.items()):
+            print(f"Leader of {name}: {holder}")
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(info.objects.items()) if v)
+        print(f"Objects: {counts or 'none'}")
+        if nodes:
+            print()
+            print(output.table(K.lookup("node"), nodes))
+    return 0 if info is not None else 5
+
+
+# -- argument parsing -------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="braid", description="Braid: hyperconverged infrastructure "
+                                "(VMs, replicated volumes, overlay networks) on etcd.")
+    p.add_argument("--server", help="controller API address host:port (env BRAID_SERVER)")
+    p.add_argument("--data-dir", default=None,
+                   help=f"local cluster directory (env BRAID_DATA_DIR; default {default_data_dir()})")
+    p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout in seconds")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    kinds_help = ", ".join(k.plural for k in K.KINDS.values())
+
+    def outputs(sp, choices=("table", "wide", "json", "yaml", "name"), default="table"):
+        sp.add_argument("-o", "--output", choices=choices, default=default)
+
+    sp = sub.add_parser("get", help=f"list or show objects ({kinds_help})")
+    sp.add_argument("kind")
+    sp.add_argument("names", nargs="*")
+    sp.add_argument("-l", "--selector", help="label selector k=v,k2=v2")
+    outputs(sp)
+    sp.set_defaults(fn=cmd_get)
+
+    sp = sub.add_parser("describe", help="show one object in full")
+    sp.add_argument("kind")
+    sp.add_argument("name")
+    outputs(sp, ("text", "json", "yaml"), "text")
+    sp.set_defaults(fn=cmd_describe)
+
+    for name, fn, text in (("create", cmd_create, "create objects from manifests (fails if they exist)"),
+                           ("apply", cmd_apply, "create or update objects from manifests")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("-f", "--filename", action="append", required=True,
+                        help="manifest file (YAML/JSON; '-' for stdin); repeatable")
+        sp.set_defaults(fn=fn)
+
+    sp = sub.add_parser("delete", help="delete objects by name or from manifests")
+    sp.add_argument("kind", nargs="?")
+    sp.add_argument("names", nargs="*")
+    sp.add_argument("-f", "--filename", action="append")
+    sp.add_argument("--resource-version", type=int, default=0,
+                    help="only delete if the object is still at this revision")
+    sp.add_argument("--ignore-not-found", action="store_true")
+    sp.set_defaults(fn=cmd_delete)
+
+    sp = sub.add_parser("watch", help="stream changes of a kind")
+    sp.add_argument("kind")
+    sp.add_argument("name", nargs="?")
+    sp.add_argument("-l", "--selector")
+    sp.add_argument("--resource-version", type=int, default=0,
+                    help="changes after this revision (default: list first, then changes)")
+    sp.add_argument("--for", dest="timeout_watch", type=float, default=0,
+                    help="stop after this many seconds")
+    outputs(sp, ("text", "json"), "text")
+    sp.set_defaults(fn=cmd_watch)
+
+    cl = sub.add_parser("cluster", help="run a local cluster on this machine")
+    csub = cl.add_subparsers(dest="cluster_command", metavar="ACTION")
+    sp = csub.add_parser("up", help="start etcd, controller, scheduler and N nodes")
+    sp.add_argument("--nodes", type=int, default=3)
+    sp.add_argument("--lease-ttl", type=int, default=5, help="node lease TTL in seconds")
+    sp.add_argument("--wait", type=float, default=90.0, help="seconds to wait for readiness")
+    sp.add_argument("--foreground", action="store_true", help="stay until Ctrl-C, then stop it")
+    sp.set_defaults(fn=cmd_cluster_up)
+    sp = csub.add_parser("down", help="stop every process of the local cluster")
+    sp.set_defaults(fn=cmd_cluster_down)
+    sp = csub.add_parser("status", help="processes, leaders, nodes")
+    outputs(sp, ("text", "json"), "text")
+    sp.set_defaults(fn=cmd_cluster_status)
+    cl.set_defaults(fn=lambda a: (cl.print_help(), 2)[1])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.fn(args)
+    except CliError as exc:
+        err(str(exc))
+        return exc.code
+    except ApiCallError as exc:
+        err(str(exc))
+        for field, desc in exc.violations:
+            print(f"  - {field}: {desc}", file=sys.stderr)
+        return EXIT_CODES.get(exc.code, 1)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

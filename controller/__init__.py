@@ -1,0 +1,1 @@
+"""braid-controller: the public API (validate, write spec, serve status)."""

@@ -1,0 +1,56 @@
+"""braid-controller: serves the braid.v1 API over gRPC.
+
+Replicas are stateless and may run side by side (every write is a CAS in
+etcd); cluster-level reconcilers inside the controller (volumes, HA,
+networks: later issues) run only on the replica that wins the
+``controller`` election.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from braid import kinds as K
+from braid.service import Daemon, Option, run_main
+from braid.store import Election, Store
+from controller.api import cluster_handler, kind_handler
+from controller.resources import Resources
+
+log = logging.getLogger("braid.controller")
+
+OPTIONS = [
+    Option("cluster_name", "braid", "name of this cluster"),
+    Option("id", "", "replica id for the leader election (default: host-pid)"),
+]
+
+
+def body(d: Daemon):
+    cfg = d.cfg
+    store = Store(cfg["etcd"], prefix=cfg["prefix"])
+    resources = Resources(store)
+    for kind in K.KINDS.values():
+        d.server.add_generic_rpc_handlers((kind_handler(resources, kind),))
+        d.add_service(kind.service)
+    d.server.add_generic_rpc_handlers((cluster_handler(store, resources, cfg["cluster_name"]),))
+    d.add_service("braid.v1.ClusterService")
+    d.start()
+    store.revision()  # fail early (bounded retries) when etcd is unreachable
+    candidate = cfg["id"] or f"{socket.gethostname()}-{os.getpid()}"
+    election = Election(store, "controller", candidate, ttl=cfg["lease_ttl"]).start()
+    d.set_ready(True)
+
+    def stop():
+        election.stop()
+        store.close()
+
+    return stop
+
+
+def main(argv=None) -> int:
+    return run_main("controller", OPTIONS, body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,355 @@
+"""The resource API's domain logic: validate, default, read and write objects.
+
+One generic implementation serves every kind (CRUD + watch); the gRPC layer
+(controller/api.py) only decodes, calls one function here and encodes.
+Errors are ``ApiError`` with a gRPC status code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import grpc
+from google.protobuf.message import Message
+
+from braid import kinds as K
+from braid import validation
+from braid.store import KV, AlreadyExists, Compacted, Conflict, NotFound, Store, StoreError, Unavailable
+from braid.v1 import meta_pb2
+
+log = logging.getLogger("braid.controller.resources")
+
+MAX_SELECTOR = 1024
+
+
+@dataclass
+class ApiError(Exception):
+    code: grpc.StatusCode
+    message: str
+    violations: list[validation.FieldError] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def parse_selector(sel: str) -> dict[str, str]:
+    if len(sel) > MAX_SELECTOR:
+        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "label_selector: too long",
+                       [validation.FieldError("label_selector", "too long")])
+    out = {}
+    for part in filter(None, (p.strip() for p in sel.split(","))):
+        k, eq, v = part.partition("=")
+        if not eq or not k:
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"label_selector: {part!r} is not key=value",
+                           [validation.FieldError("label_selector", f"{part!r} is not key=value")])
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _matches(obj: Message, selector: dict[str, str]) -> bool:
+    return all(obj.metadata.labels.get(k) == v for k, v in selector.items())
+
+
+def _exists(kind: K.Kind, st: dict) -> bool:
+    """An object exists while its spec does; a node also while it reports."""
+    if kind.name == "node":
+        return st["spec"] is not None or st["status"] is not None or bool(st["live"])
+    return st["spec"] is not None
+
+
+def apply_defaults(kind: K.Kind, obj: Message) -> None:
+    """Sane defaults, filled in on create and update."""
+    s = obj.spec
+    if kind.name == "vm":
+        if not s.max_vcpus:
+            s.max_vcpus = s.vcpus
+        if not s.max_memory_mib:
+            s.max_memory_mib = s.memory_mib
+        if not s.power_state:
+            s.power_state = 1  # RUNNING
+        for d in s.disks:
+            d.bus = d.bus or "virtio"
+        for n in s.nics:
+            n.model = n.model or "virtio"
+        s.boot.firmware = s.boot.firmware or "bios"
+    elif kind.name == "volume":
+        s.replicas = s.replicas or 2
+        s.extent_size_bytes = s.extent_size_bytes or 64 << 20
+    elif kind.name == "network":
+        s.mtu = s.mtu or 1450
+    elif kind.name == "securitygroup":
+        for r in s.rules:
+            r.protocol = r.protocol or "any"
+            r.ethertype = r.ethertype or "IPv4"
+
+
+def _store_errors(fn):
+    """Map state-layer errors to API errors (one place)."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Unavailable as exc:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        except StoreError as exc:
+            if isinstance(exc, (AlreadyExists, Conflict, NotFound)):
+                raise
+            raise ApiError(grpc.StatusCode.INTERNAL, str(exc)) from None
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+class Resources:
+    """CRUD + watch of every kind over the store."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    # -- helpers -----------------------------------------------------------
+
+    def _validate(self, kind: K.Kind, obj: Message) -> None:
+        errs = validation.validate(kind.name, obj)
+        if errs:
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
+                           "; ".join(str(e) for e in errs[:10]), errs)
+
+    def _name(self, name: str) -> None:
+        errs = validation.Errors()
+        errs.name("name", name)
+        if errs:
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(errs[0]), list(errs))
+
+    def _live(self, name: str) -> list[KV]:
+        kvs, _ = self.store.list(f"node/live/{name}/")
+        return kvs
+
+    def _read(self, kind: K.Kind, name: str) -> Message | None:
+        kvs, rev = self.store.get_many([kind.spec_key(name), kind.status_key(name)])
+        spec, status = kvs[kind.spec_key(name)], kvs[kind.status_key(name)]
+        live = self._live(name) if kind.name == "node" else ()
+        if not _exists(kind, {"spec": spec, "status": status, "live": live}):
+            return None
+        try:
+            return K.assemble(kind, name, spec, status, live)
+        except K.CorruptObject as exc:
+            raise ApiError(grpc.StatusCode.DATA_LOSS, str(exc)) from None
+
+    # -- CRUD ----------------------------------------------------------------
+
+    @_store_errors
+    def create(self, kind: K.Kind, obj: Message) -> Message:
+        obj = type(obj).FromString(obj.SerializeToString())
+        obj.ClearField("status")
+        apply_defaults(kind, obj)
+        self._validate(kind, obj)
+        md = obj.metadata
+        md.uid = str(uuid.uuid4())
+        md.created_at = _now()
+        md.generation = 1
+        try:
+            self.store.create(kind.spec_key(md.name), K.encode_spec(kind, obj))
+        except AlreadyExists:
+            raise ApiError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"{kind.name} {md.name!r} already exists") from None
+        return self.get(kind, md.name)
+
+    @_store_errors
+    def get(self, kind: K.Kind, name: str) -> Message:
+        self._name(name)
+        obj = self._read(kind, name)
+        if obj is None:
+            raise ApiError(grpc.StatusCode.NOT_FOUND, f"{kind.name} {name!r} not found")
+        return obj
+
+    @_store_errors
+    def list(self, kind: K.Kind, label_selector: str = "") -> tuple[list[Message], int, list[str]]:
+        """Objects of a kind at one revision, plus the keys that did not decode."""
+        selector = parse_selector(label_selector)
+        kvs, rev = self.store.list(f"{kind.name}/")
+        specs, statuses, live = {}, {}, {}
+        for kv in kvs:
+            part, _, rest = kv.key[len(kind.name) + 1:].partition("/")
+            if part == "spec":
+                specs[rest] = kv
+            elif part == "status":
+                statuses[rest] = kv
+            elif part == "live" and kind.name == "node":
+                live.setdefault(rest.split("/", 1)[0], []).append(kv)
+        items, corrupt = [], []
+        names = specs.keys() | statuses.keys() | live.keys() if kind.name == "node" else specs.keys()
+        for name in sorted(names):
+            try:
+                obj = K.assemble(kind, name, specs.get(name), statuses.get(name), live.get(name, ()))
+            except K.CorruptObject as exc:
+                log.warning("skipping corrupt object: %s", exc)
+                corrupt.append(name)
+                continue
+            if _matches(obj, selector):
+                items.append(obj)
+        return items, rev, corrupt
+
+    @_store_errors
+    def update(self, kind: K.Kind, obj: Message) -> Message:
+        """Replace labels and spec. With metadata.resource_version set, only
+        if the object is still at that revision (ABORTED otherwise)."""
+        self._name(obj.metadata.name)
+        name = obj.metadata.name
+        key = kind.spec_key(name)
+        current_kv = self.store.get(key)
+        if current_kv is None:
+            if kind.name == "node" and self._read(kind, name) is not None:
+                # a registered node without an operator spec yet: the first
+                # update creates it
+                return self.create(kind, obj)
+            raise ApiError(grpc.StatusCode.NOT_FOUND, f"{kind.name} {name!r} not found")
+        expected = obj.metadata.resource_version or current_kv.mod_revision
+        try:
+            current = K.from_json(current_kv.value, kind.message, key)
+        except K.CorruptObject:
+            current = kind.message()  # overwrite garbage with a valid object
+            current.metadata.uid = str(uuid.uuid4())
+            current.metadata.created_at = _now()
+        new = kind.message()
+        new.metadata.CopyFrom(current.metadata)
+        new.metadata.ClearField("labels")
+        new.metadata.labels.update(obj.metadata.labels)
+        new.spec.CopyFrom(obj.spec)
+        apply_defaults(kind, new)
+        self._validate(kind, new)
+        if new.spec != current.spec:
+            new.metadata.generation = current.metadata.generation + 1
+        try:
+            self.store.update(key, K.encode_spec(kind, new), expected)
+        except Conflict:
+            raise ApiError(grpc.StatusCode.ABORTED,
+                           f"{kind.name} {name!r} was modified concurrently "
+                           f"(resource_version {expected} is stale): read it again and retry") from None
+        except NotFound:
+            raise ApiError(grpc.StatusCode.NOT_FOUND, f"{kind.name} {name!r} not found") from None
+        return self.get(kind, name)
+
+    @_store_errors
+    def delete(self, kind: K.Kind, name: str, resource_version: int = 0) -> int:
+        self._name(name)
+        if kind.name == "node" and self._live(name):
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"node {name!r} is running daemons; stop them before deleting it")
+        try:
+            if kind.name == "node" and self.store.get(kind.spec_key(name)) is None:
+                return self.store.delete(kind.status_key(name))
+            return self.store.delete(kind.spec_key(name), resource_version,
+                                     also=[kind.status_key(name)])
+        except NotFound:
+            raise ApiError(grpc.StatusCode.NOT_FOUND, f"{kind.name} {name!r} not found") from None
+        except Conflict:
+            raise ApiError(grpc.StatusCode.ABORTED,
+                           f"{kind.name} {name!r} changed since resource_version "
+                           f"{resource_version}: read it again and retry") from None
+
+    # -- watch ---------------------------------------------------------------
+
+    def watch(self, kind: K.Kind, request: meta_pb2.WatchRequest,
+              stop: threading.Event) -> Iterator[tuple[int, Message | None, int]]:
+        """Yield (event type, object, revision); (SYNCED, None, rev) after the
+        initial list; (0, None, 0) as a heartbeat so the caller can notice a
+        cancelled client."""
+        selector = parse_selector(request.label_selector)
+        if request.name:
+            self._name(request.name)
+        state: dict[str, dict] = {}  # name -> {"spec": kv, "status": kv, "live": {key: kv}}
+        try:
+            if request.resource_version <= 0:
+                items, rev, _ = self.list(kind)
+                kvs, _ = self.store.list(f"{kind.name}/", revision=rev)
+                self._absorb(kind, state, kvs)
+                for obj in items:
+                    if (not request.name or obj.metadata.name == request.name) and _matches(obj, selector):
+                        yield meta_pb2.ADDED, obj, rev
+                yield meta_pb2.SYNCED, None, rev
+                start = rev + 1
+            else:
+                start = request.resource_version + 1
+            for batch in self.store.watch(f"{kind.name}/", start, stop):
+                if not batch:
+                    yield 0, None, 0
+                    continue
+                for ev in batch:
+                    out = self._event(kind, state, ev, request.name, selector)
+                    if out is not None:
+                        yield out
+        except Compacted as exc:
+            raise ApiError(grpc.StatusCode.OUT_OF_RANGE,
+                           f"resource_version {request.resource_version} is too old ({exc}): "
+                           "list again and watch from the list's revision") from None
+        except Unavailable as exc:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+
+    def _split(self, kind: K.Kind, key: str) -> tuple[str, str]:
+        part, _, rest = key[len(kind.name) + 1:].partition("/")
+        return part, rest.split("/", 1)[0] if part == "live" else rest
+
+    def _absorb(self, kind: K.Kind, state: dict, kvs: list[KV]) -> None:
+        for kv in kvs:
+            part, name = self._split(kind, kv.key)
+            st = state.setdefault(name, {"spec": None, "status": None, "live": {}})
+            if part == "live":
+                st["live"][kv.key] = kv
+            elif part in ("spec", "status"):
+                st[part] = kv
+
+    def _event(self, kind, state, ev, only_name, selector):
+        part, name = self._split(kind, ev.kv.key)
+        if part not in ("spec", "status", "live") or (only_name and name != only_name):
+            return None
+        if name not in state:
+            # first time we hear of it since the watch began: read it as it was just before
+            keys = [kind.spec_key(name), kind.status_key(name)]
+            got, _ = self.store.get_many(keys, revision=ev.revision - 1)
+            st = state[name] = {"spec": got[keys[0]], "status": got[keys[1]], "live": {}}
+            if kind.name == "node":
+                live, _ = self.store.list(f"node/live/{name}/", revision=ev.revision - 1)
+                st["live"] = {kv.key: kv for kv in live}
+        st = state[name]
+        existed = _exists(kind, st)
+        if ev.type == "delete":
+            if part == "live":
+                st["live"].pop(ev.kv.key, None)
+            else:
+                st[part] = None
+        elif part == "live":
+            st["live"][ev.kv.key] = ev.kv
+        else:
+            st[part] = ev.kv
+        if not _exists(kind, st):
+            state.pop(name, None)
+            if not existed:
+                return None
+            obj = kind.message()
+            obj.metadata.name = name
+            obj.metadata.resource_version = ev.revision
+            return meta_pb2.DELETED, obj, ev.revision
+        try:
+            obj = K.assemble(kind, name, st["spec"], st["status"], st["live"].values())
+        except K.CorruptObject as exc:
+            log.warning("watch: skipping corrupt object: %s", exc)
+            return None
+        if not _matches(obj, selector):
+            return None
+        if not existed or (part == "spec" and ev.kv.create_revision == ev.kv.mod_revision
+                             and st["status"] is None):
+            typ = meta_pb2.ADDED
+        else:
+            typ = meta_pb2.MODIFIED
+        return typ, obj, ev.revision

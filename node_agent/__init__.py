@@ -1,0 +1,1 @@
+"""braid-node-agent: registers its node and (compute issue) runs VMs."""

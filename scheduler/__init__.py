@@ -1,0 +1,1 @@
+"""braid-scheduler: binds VMs to nodes (scheduler issue); leader-elected."""

@@ -1,0 +1,1 @@
+"""braid-storaged: owns the node's disks and (storage issue) serves replicated volumes over NBD."""
