@@ -42,3 +42,75 @@ def store(etcd_server):
     yield s
     s.delete_prefix("")
     s.close()
+
+
+def _wait_file(path: Path, proc, timeout: float = 20.0) -> dict:
+    import json
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode}")
+        if path.exists():
+            return json.loads(path.read_text())
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} not written in {timeout}s")
+
+
+class DaemonProc:
+    """A Braid daemon started as a real process (python -m <module>)."""
+
+    def __init__(self, module: str, args: list[str], tmp: Path, name: str):
+        import subprocess
+        self.state_file = tmp / f"{name}.json"
+        self.log = tmp / f"{name}.log"
+        self.cmd = [sys.executable, "-m", module, *args, "--state-file", str(self.state_file),
+                    "--log-format", "text"]
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT,
+                                         cwd=str(ROOT), start_new_session=True)
+        self.info = _wait_file(self.state_file, self.proc)
+        self.address = self.info["grpc"]
+
+    def stop(self, sig=None):
+        import signal
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def prefix():
+    return f"/braid-test-{os.getpid()}-{next(_prefixes)}/"
+
+
+@pytest.fixture
+def controller(etcd_server, prefix, tmp_path):
+    """A real braid-controller process on its own key prefix."""
+    d = DaemonProc("controller.main", ["--etcd", etcd_server.endpoint, "--prefix", prefix],
+                   tmp_path, "controller")
+    yield d
+    d.stop()
+    s = Store(etcd_server.endpoint, prefix=prefix)
+    s.delete_prefix("")
+    s.close()
+
+
+@pytest.fixture
+def api(controller):
+    from braid.client import Client
+    c = Client(controller.address)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def raw_store(etcd_server, prefix):
+    """Direct store access on the controller's prefix (to plant garbage etc.)."""
+    s = Store(etcd_server.endpoint, prefix=prefix)
+    yield s
+    s.close()
