@@ -16,6 +16,7 @@ from braid import kinds as K
 from braid.service import Daemon, Option, run_main
 from braid.store import Election, Store
 from controller.api import cluster_handler, kind_handler
+from controller.networks import NetworkReconciler
 from controller.resources import Resources
 
 log = logging.getLogger("braid.controller")
@@ -38,11 +39,24 @@ def body(d: Daemon):
     d.start()
     store.revision()  # fail early (bounded retries) when etcd is unreachable
     candidate = cfg["id"] or f"{socket.gethostname()}-{os.getpid()}"
-    election = Election(store, "controller", candidate, ttl=cfg["lease_ttl"]).start()
+    reconcilers: list[NetworkReconciler] = []
+
+    def elected(e: Election) -> None:
+        r = NetworkReconciler(store, e)
+        reconcilers.append(r)
+        r.start()
+
+    def deposed(e: Election) -> None:
+        while reconcilers:
+            reconcilers.pop().stop()
+
+    election = Election(store, "controller", candidate, ttl=cfg["lease_ttl"],
+                        on_elected=elected, on_deposed=deposed).start()
     d.set_ready(True)
 
     def stop():
         election.stop()
+        deposed(election)
         store.close()
 
     return stop

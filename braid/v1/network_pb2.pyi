@@ -28,18 +28,20 @@ class NetworkSpec(_message.Message):
     def __init__(self, vni: _Optional[int] = ..., mtu: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
 
 class NetworkStatus(_message.Message):
-    __slots__ = ("phase", "vni", "nodes", "applied_revision", "observed_generation")
+    __slots__ = ("phase", "vni", "nodes", "applied_revision", "observed_generation", "message")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     VNI_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     APPLIED_REVISION_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     phase: str
     vni: int
     nodes: _containers.RepeatedScalarFieldContainer[str]
     applied_revision: int
     observed_generation: int
-    def __init__(self, phase: _Optional[str] = ..., vni: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ..., applied_revision: _Optional[int] = ..., observed_generation: _Optional[int] = ...) -> None: ...
+    message: str
+    def __init__(self, phase: _Optional[str] = ..., vni: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ..., applied_revision: _Optional[int] = ..., observed_generation: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Network(_message.Message):
     __slots__ = ("metadata", "spec", "status")
