@@ -135,6 +135,7 @@ class WorkQueue:
             self._dirty.clear()
             self._delayed.clear()
             self._delayed_at.clear()
+            self._cond.notify_all()
 
     @property
     def shutting_down(self) -> bool:
