@@ -14,7 +14,7 @@ setup:
 run: setup
 	$(VENV)/bin/braid cluster up --nodes $(NODES) --foreground
 
-test: setup proto-check
+test: setup proto-check lint
 	./scripts/test.sh
 
 test-unit: setup
@@ -33,6 +33,9 @@ proto:
 
 proto-check: setup
 	@./scripts/genproto.sh --check
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf build *.egg-info .pytest_cache bench/results/*.json bench/results/report.md

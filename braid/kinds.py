@@ -13,6 +13,7 @@ Values are protobuf messages in their canonical JSON encoding (readable in
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,13 +127,15 @@ class CorruptObject(ValueError):
 
 
 def to_json(msg: Message) -> bytes:
-    return json_format.MessageToJson(
-        msg, preserving_proto_field_name=True, indent=None, sort_keys=True,
-    ).encode()
+    """Canonical protobuf JSON, compact (no spaces), keys sorted."""
+    return json.dumps(json_format.MessageToDict(msg, preserving_proto_field_name=True),
+                      separators=(",", ":"), sort_keys=True).encode()
 
 
 def from_json(data: bytes, cls: type[Message], where: str = "") -> Message:
     try:
+        if bytes(data).lstrip()[:1] != b"{":  # Parse would take [] or "x" as an empty message
+            raise ValueError("not a JSON object")
         return json_format.Parse(data, cls(), ignore_unknown_fields=True)
     except (json_format.ParseError, UnicodeDecodeError, ValueError) as exc:
         raise CorruptObject(f"stored value {where or cls.__name__} is not valid: {exc}") from None

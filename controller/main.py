@@ -57,6 +57,7 @@ def body(d: Daemon):
     def stop():
         election.stop()
         deposed(election)
+        resources.close()
         store.close()
 
     return stop

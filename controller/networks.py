@@ -15,7 +15,7 @@ import logging
 
 from braid import kinds as K
 from braid.reconcile import Controller, Result
-from braid.store import AlreadyExists, Election, Informer, KV, Store
+from braid.store import KV, AlreadyExists, Election, Informer, Store
 from braid.v1 import network_pb2
 
 log = logging.getLogger("braid.controller.networks")

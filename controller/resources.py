@@ -19,8 +19,18 @@ from google.protobuf.message import Message
 
 from braid import kinds as K
 from braid import validation
-from braid.store import KV, AlreadyExists, Compacted, Conflict, NotFound, Store, StoreError, Unavailable
+from braid.store import (
+    KV,
+    AlreadyExists,
+    Compacted,
+    Conflict,
+    NotFound,
+    Store,
+    StoreError,
+    Unavailable,
+)
 from braid.v1 import meta_pb2
+from controller.watchhub import KindHub, Overflow
 
 log = logging.getLogger("braid.controller.resources")
 
@@ -114,8 +124,11 @@ def _store_errors(fn):
 class Resources:
     """CRUD + watch of every kind over the store."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, use_hub: bool = True):
         self.store = store
+        self.use_hub = use_hub
+        self._hubs: dict[str, KindHub] = {}
+        self._hubs_lock = threading.Lock()
 
     # -- helpers -----------------------------------------------------------
 
@@ -223,6 +236,7 @@ class Resources:
             current.metadata.created_at = _now()
         new = kind.message()
         new.metadata.CopyFrom(current.metadata)
+        new.metadata.name = name  # the key's: a repaired (garbage) value has none
         new.metadata.ClearField("labels")
         new.metadata.labels.update(obj.metadata.labels)
         new.spec.CopyFrom(obj.spec)
@@ -260,15 +274,67 @@ class Resources:
 
     # -- watch ---------------------------------------------------------------
 
+    def _hub(self, kind: K.Kind) -> KindHub:
+        with self._hubs_lock:
+            hub = self._hubs.get(kind.name)
+            if hub is None:
+                hub = self._hubs[kind.name] = KindHub(self, kind)
+        if not hub.synced.wait(10):
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, f"cannot list {kind.plural} from etcd")
+        return hub
+
+    def close(self) -> None:
+        with self._hubs_lock:
+            for hub in self._hubs.values():
+                hub.stop()
+            self._hubs.clear()
+
     def watch(self, kind: K.Kind, request: meta_pb2.WatchRequest,
               stop: threading.Event) -> Iterator[tuple[int, Message | None, int]]:
         """Yield (event type, object, revision); (SYNCED, None, rev) after the
         initial list; (0, None, 0) as a heartbeat so the caller can notice a
-        cancelled client."""
+        cancelled client. Served by the kind's shared hub; a resume from a
+        revision the hub no longer remembers watches etcd directly."""
         selector = parse_selector(request.label_selector)
         if request.name:
             self._name(request.name)
+
+        def wanted(ev) -> bool:
+            typ, obj, _ = ev
+            if obj is None:
+                return True
+            return (not request.name or obj.metadata.name == request.name) and _matches(obj, selector)
+
+        if not self.use_hub:
+            yield from self._watch_etcd(kind, request, stop, selector)
+            return
+        sub = self._hub(kind).subscribe(request.resource_version)
+        if sub is None:
+            yield from self._watch_etcd(kind, request, stop, selector)
+            return
+        initial, subscriber = sub
+        try:
+            for ev in initial:
+                if wanted(ev):
+                    yield ev
+            while not stop.is_set():
+                try:
+                    ev = subscriber.next(1.0)
+                except Overflow:
+                    raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   "this watch fell too far behind and was dropped: "
+                                   "list again and watch from the list's revision") from None
+                if ev is None:
+                    yield 0, None, 0
+                elif wanted(ev):
+                    yield ev
+        finally:
+            self._hubs[kind.name].unsubscribe(subscriber)
+
+    def _watch_etcd(self, kind, request, stop, selector):
+        """A dedicated etcd watch for one client (resume from an old revision)."""
         state: dict[str, dict] = {}  # name -> {"spec": kv, "status": kv, "live": {key: kv}}
+        complete = request.resource_version <= 0
         try:
             if request.resource_version <= 0:
                 items, rev, _ = self.list(kind)
@@ -286,7 +352,7 @@ class Resources:
                     yield 0, None, 0
                     continue
                 for ev in batch:
-                    out = self._event(kind, state, ev, request.name, selector)
+                    out = self._event(kind, state, ev, request.name, selector, complete)
                     if out is not None:
                         yield out
         except Compacted as exc:
@@ -295,6 +361,11 @@ class Resources:
                            "list again and watch from the list's revision") from None
         except Unavailable as exc:
             raise ApiError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+
+    def _assemble_state(self, kind: K.Kind, name: str, st: dict) -> Message | None:
+        if not _exists(kind, st):
+            return None
+        return K.assemble(kind, name, st["spec"], st["status"], st["live"].values())
 
     def _split(self, kind: K.Kind, key: str) -> tuple[str, str]:
         part, _, rest = key[len(kind.name) + 1:].partition("/")
@@ -309,11 +380,14 @@ class Resources:
             elif part in ("spec", "status"):
                 st[part] = kv
 
-    def _event(self, kind, state, ev, only_name, selector):
+    def _event(self, kind, state, ev, only_name, selector, complete):
+        """Apply one etcd event to the watch's state; return the API event.
+        ``complete``: the state began from a full list, so a name missing
+        from it did not exist before this event (no read needed)."""
         part, name = self._split(kind, ev.kv.key)
         if part not in ("spec", "status", "live") or (only_name and name != only_name):
             return None
-        if name not in state:
+        if name not in state and not complete:
             # first time we hear of it since the watch began: read it as it was just before
             keys = [kind.spec_key(name), kind.status_key(name)]
             got, _ = self.store.get_many(keys, revision=ev.revision - 1)
@@ -321,7 +395,7 @@ class Resources:
             if kind.name == "node":
                 live, _ = self.store.list(f"node/live/{name}/", revision=ev.revision - 1)
                 st["live"] = {kv.key: kv for kv in live}
-        st = state[name]
+        st = state.setdefault(name, {"spec": None, "status": None, "live": {}})
         existed = _exists(kind, st)
         if ev.type == "delete":
             if part == "live":

@@ -8,15 +8,14 @@ loop, which placement (scheduler issue) replaces.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import os
 import socket
+import threading
 
 from prometheus_client import Gauge
-
-import datetime as dt
-import json
-import threading
 
 from braid.service import Daemon, Option, run_main
 from braid.store import Election, GuardFailed, Store, StoreError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -114,3 +115,24 @@ def raw_store(etcd_server, prefix):
     s = Store(etcd_server.endpoint, prefix=prefix)
     yield s
     s.close()
+
+
+@contextlib.contextmanager
+def running_controller(etcd, tmp: Path, name: str):
+    """A controller process on its own prefix, with a client and a store;
+    for module-scoped fixtures (a controller start + SIGTERM costs ~1 s)."""
+    from types import SimpleNamespace
+
+    from braid.client import Client
+    prefix = f"/braid-test-{os.getpid()}-{name}/"
+    proc = DaemonProc("controller.main", ["--etcd", etcd.endpoint, "--prefix", prefix], tmp,
+                      "controller")
+    api = Client(proc.address)
+    store = Store(etcd.endpoint, prefix=prefix)
+    try:
+        yield SimpleNamespace(proc=proc, api=api, store=store, prefix=prefix)
+    finally:
+        api.close()
+        proc.stop()
+        store.delete_prefix("")
+        store.close()

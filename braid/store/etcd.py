@@ -150,6 +150,7 @@ class Store:
             endpoints=eps, timeout=timeout, failover=len(eps) > 1
         )
         self._closed = False
+        self._local = threading.local()
 
     # -- plumbing -------------------------------------------------------
 
@@ -181,13 +182,16 @@ class Store:
             stop=tenacity.stop_after_delay(self.retry_budget if budget is None else budget),
             reraise=True,
         )
+        timeout = self.timeout if budget is None else max(0.2, min(self.timeout, budget))
         try:
-            timeout = self.timeout if budget is None else max(0.2, min(self.timeout, budget))
             return retryer(fn, *args, timeout=timeout, **kwargs)
         except grpc.RpcError as exc:
             if exc.code() in _TRANSIENT:
                 raise Unavailable(f"etcd unavailable: {exc.details()}") from exc
             raise StoreError(f"etcd error {exc.code().name}: {exc.details()}") from exc
+        finally:
+            # a write whose first attempt failed in transit may have been applied
+            self._local.retried = retryer.statistics.get("attempt_number", 1) > 1
 
     @property
     def _kvstub(self):
@@ -296,7 +300,7 @@ class Store:
         if resp.succeeded:
             return resp.header.revision
         kvs = resp.responses[0].response_range.kvs
-        if kvs and kvs[0].value == value and kvs[0].lease == lease:
+        if self._local.retried and kvs and kvs[0].value == value and kvs[0].lease == lease:
             # our own write, applied before a retried transport error
             return kvs[0].mod_revision
         if not kvs:
@@ -322,7 +326,8 @@ class Store:
         kvs = resp.responses[0].response_range.kvs
         if not kvs:
             raise NotFound(f"{key} not found")
-        if kvs[0].value == value and kvs[0].lease == lease and kvs[0].mod_revision > mod_revision:
+        if (self._local.retried and kvs[0].value == value and kvs[0].lease == lease
+                and kvs[0].mod_revision > mod_revision):
             return kvs[0].mod_revision  # our own write, applied before a retry
         if kvs[0].mod_revision == mod_revision:
             self._check_guards(guards)

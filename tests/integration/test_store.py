@@ -8,7 +8,13 @@ import time
 import pytest
 
 from braid.store import (
-    AlreadyExists, Conflict, Guard, GuardFailed, Informer, NotFound, Store,
+    AlreadyExists,
+    Conflict,
+    Guard,
+    GuardFailed,
+    Informer,
+    NotFound,
+    Store,
 )
 
 pytestmark = pytest.mark.integration
@@ -180,3 +186,26 @@ def test_watch_survives_etcd_restart_and_compaction(own_etcd):
         inf.stop()
         store.close()
         writer.close()
+
+
+def test_identical_concurrent_updates_still_exactly_one_wins(store):
+    """Same bytes from 8 writers: CAS still lets exactly one through (a
+    value match is only taken as "our own write" after a transport retry)."""
+    rev = store.create("vm/spec/same", b"0")
+    results = []
+    barrier = threading.Barrier(8)
+
+    def writer():
+        barrier.wait()
+        try:
+            store.update("vm/spec/same", b"identical", rev)
+            results.append("ok")
+        except Conflict:
+            results.append("conflict")
+
+    threads = [threading.Thread(target=writer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["conflict"] * 7 + ["ok"]

@@ -171,7 +171,10 @@ def test_encoding_section_quick(results):
     out, _ = results
     assert main(["--section", "encoding", "--quick"]) == 0
     metrics = {m["name"]: m for m in json.loads((out / "encoding.json").read_text())}
-    assert set(metrics) == {"json.encode", "json.decode", "json.roundtrip", "json.size"}
+    assert set(metrics) == {"json.encode", "json.decode", "json.roundtrip", "json.size",
+                            "typed_json.encode", "typed_json.decode", "typed_json.size"}
+    typed = metrics["typed_json.size"]
+    assert typed["baseline_name"] == "typed_protobuf.size" and typed["value"] > typed["baseline_value"]
     for op in ("encode", "decode", "roundtrip"):
         m = metrics[f"json.{op}"]
         assert m["unit"] == "ops/s" and m["higher_is_better"] is True

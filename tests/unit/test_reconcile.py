@@ -85,7 +85,7 @@ def step_to_next_deadline(clock: FakeClock) -> float:
 
 def test_fake_clock_sleep_wakes_only_when_deadline_reached(clock: FakeClock) -> None:
     woke = threading.Event()
-    t = threading.Thread(target=lambda: (clock.sleep(5.0), woke.set()))
+    t = threading.Thread(target=lambda: (clock.sleep(5.0), woke.set()), daemon=True)
     t.start()
     assert clock.wait_for_waiters(1, WAIT)
     assert clock.next_deadline() == 5.0
@@ -153,7 +153,7 @@ def test_queue_add_after_uses_fake_time_and_keeps_earliest(clock: FakeClock) -> 
 def test_queue_get_timeout_in_fake_time(clock: FakeClock) -> None:
     q = WorkQueue(clock)
     out: list[str | None] = ["unset"]
-    t = threading.Thread(target=lambda: out.__setitem__(0, q.get(timeout=5.0)))
+    t = threading.Thread(target=lambda: out.__setitem__(0, q.get(timeout=5.0)), daemon=True)
     t.start()
     assert step_to_next_deadline(clock) == 5.0
     t.join(WAIT)
@@ -163,7 +163,9 @@ def test_queue_get_timeout_in_fake_time(clock: FakeClock) -> None:
 def test_shutdown_wakes_blocked_getters(clock: FakeClock) -> None:
     q = WorkQueue(clock)
     results: list[str | None] = []
-    threads = [threading.Thread(target=lambda: results.append(q.get())) for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: results.append(q.get()), daemon=True) for _ in range(3)
+    ]
     for t in threads:
         t.start()
     time.sleep(0.02)  # let them block (they would block forever without shutdown)
@@ -356,7 +358,9 @@ def test_graceful_stop_waits_for_in_flight_reconcile(clock: FakeClock) -> None:
     assert started.wait(WAIT)
     ctrl.enqueue("b")  # queued behind the in-flight key; must not start after stop
     stopped: list[bool] = []
-    stopper = threading.Thread(target=lambda: stopped.append(ctrl.stop(timeout=WAIT)))
+    stopper = threading.Thread(
+        target=lambda: stopped.append(ctrl.stop(timeout=WAIT)), daemon=True
+    )
     stopper.start()
     stopper.join(0.05)
     assert stopper.is_alive() and not finished.is_set()  # stop is waiting for "a"
