@@ -172,11 +172,14 @@ class Resources:
         md.created_at = _now()
         md.generation = 1
         try:
-            self.store.create(kind.spec_key(md.name), K.encode_spec(kind, obj))
+            rev = self.store.create(kind.spec_key(md.name), K.encode_spec(kind, obj))
         except AlreadyExists:
             raise ApiError(grpc.StatusCode.ALREADY_EXISTS,
                            f"{kind.name} {md.name!r} already exists") from None
-        return self.get(kind, md.name)
+        if kind.name == "node":
+            return self.get(kind, md.name)  # a node may already report status
+        md.resource_version = md.create_revision = rev
+        return obj
 
     @_store_errors
     def get(self, kind: K.Kind, name: str) -> Message:
