@@ -25,6 +25,7 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from braid.libvirtd import LibvirtdError, ensure_libvirtd
 from braid.localetcd import EtcdProcess, free_port
 
 NODE_DAEMONS = ("node-agent", "storaged", "netd")
@@ -108,6 +109,7 @@ class LocalCluster:
     # -- up -----------------------------------------------------------------
 
     def up(self, nodes: int = 3, lease_ttl: int = 5, timeout: float = 60.0,
+           libvirt_uri: str = "qemu:///system",
            progress: Callable[[str], None] = lambda s: None) -> dict:
         if nodes < 1 or nodes > 64:
             raise ClusterError("--nodes must be between 1 and 64")
@@ -117,7 +119,14 @@ class LocalCluster:
         for d in ("logs", "run", "etcd"):
             (self.data_dir / d).mkdir(parents=True, exist_ok=True)
         state: dict = {"data_dir": str(self.data_dir), "nodes": [f"node{i}" for i in range(1, nodes + 1)],
-                       "processes": [], "started_at": time.time(), "lease_ttl": lease_ttl}
+                       "processes": [], "started_at": time.time(), "lease_ttl": lease_ttl,
+                       "libvirt_uri": libvirt_uri}
+        if libvirt_uri.startswith("qemu"):
+            progress("making sure libvirtd and virtlogd run")
+            try:
+                ensure_libvirtd()
+            except LibvirtdError as exc:
+                raise ClusterError(str(exc)) from None
         try:
             etcd = EtcdProcess(self.data_dir / "etcd", log_path=self.data_dir / "logs" / "etcd.log")
             progress(f"starting etcd on {etcd.endpoint}")
@@ -133,7 +142,10 @@ class LocalCluster:
             self._spawn(state, "scheduler", common)
             for node in state["nodes"]:
                 for daemon in NODE_DAEMONS:
-                    self._spawn(state, daemon, common + ["--node", node], node=node)
+                    extra = (["--libvirt-uri", libvirt_uri,
+                              "--console-dir", str(self.data_dir / "console")]
+                             if daemon == "node-agent" else [])
+                    self._spawn(state, daemon, common + ["--node", node] + extra, node=node)
             self._save(state)
             progress(f"started {len(state['processes'])} processes; waiting for readiness")
             self._wait_ready(state, timeout, progress)

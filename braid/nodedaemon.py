@@ -33,10 +33,15 @@ def node_name(cfg) -> str:
 
 def node_daemon_body(daemon: str, hook: Hook | None = None,
                      on_lost: Callable[[], None] | None = None,
-                     on_registered: Callable[[Lease], None] | None = None):
+                     on_registered: Callable[[Lease], None] | None = None,
+                     register: Callable[[Daemon], None] | None = None):
+    """``register(daemon)`` adds gRPC services before the server starts."""
+
     def body(d: Daemon):
         node = node_name(d.cfg)
         store = Store(d.cfg["etcd"], prefix=d.cfg["prefix"])
+        if register:
+            register(d)
         d.start()
         presence = Presence(store, node, daemon, d.cfg["lease_ttl"],
                             grpc_address=d.grpc_address, metrics_address=d.metrics_address,

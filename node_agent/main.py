@@ -1,31 +1,46 @@
-"""braid-node-agent: registers the node (capacity, addresses) and keeps the
-node's lease; the node is Ready exactly while that lease lives.
+"""braid-node-agent: registers the node (capacity, hypervisor) under its
+lease and runs the node's VMs through libvirt.
 
-VM lifecycle through libvirt arrives with the compute issue.
+The node is Ready exactly while the agent's lease lives. When the lease is
+lost (etcd unreachable for a TTL) the agent powers off its VMs at once
+(self-fencing), so a partitioned node never runs a VM that HA restarts
+elsewhere; once registered again it converges from etcd.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 
 from braid import hostinfo
 from braid.kinds import to_json
-from braid.nodedaemon import NODE_OPTIONS, node_daemon_body
-from braid.service import Option, run_main
+from braid.nodedaemon import NODE_OPTIONS, node_daemon_body, node_name
+from braid.reconcile import Controller
+from braid.service import ConfigError, Option, run_main
+from braid.store import Informer
 from braid.v1 import node_pb2
+from node_agent import domain_xml
+from node_agent.console import console_handler
+from node_agent.hypervisor import Hypervisor, HypervisorError
+from node_agent.vms import VMReconciler
 
 log = logging.getLogger("braid.node_agent")
 
 OPTIONS = NODE_OPTIONS + [
+    Option("libvirt_uri", "qemu:///system", "libvirt connection (test:///default for simulations)"),
+    Option("hypervisor", "auto", "auto (probe KVM, fall back to TCG) | kvm | qemu"),
+    Option("console_dir", "/var/log/braid/console", "where VM console logs are written"),
+    Option("shutdown_timeout", 30.0, "seconds a guest gets to power off after ACPI shutdown", float),
     Option("capacity_cpus", 0, "CPUs to offer (0: detect)", int),
     Option("capacity_memory_mib", 0, "memory to offer in MiB (0: detect)", int),
     Option("reserved_cpus", 0, "CPUs kept for the platform itself", int),
     Option("reserved_memory_mib", 1024, "memory kept for the platform itself (MiB)", int),
+    Option("workers", 4, "VM reconcile workers", int),
 ]
 
 
-def node_status(cfg) -> node_pb2.NodeStatus:
+def node_status(cfg, hypervisor: str) -> node_pb2.NodeStatus:
     """This node's record, from the host and the config (pure apart from /proc)."""
     cpus = cfg["capacity_cpus"] or hostinfo.cpus()
     mem = (cfg["capacity_memory_mib"] << 20) or hostinfo.memory_bytes()
@@ -36,23 +51,100 @@ def node_status(cfg) -> node_pb2.NodeStatus:
             cpus=max(0, cpus - cfg["reserved_cpus"]),
             memory_bytes=max(0, mem - (cfg["reserved_memory_mib"] << 20))),
         allocated=node_pb2.Resources(),
+        hypervisor=hypervisor,
         numa_cells=hostinfo.numa_cells(),
         kernel=hostinfo.kernel(),
         registered_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
 
 
-def hook(d, store, presence):
-    status = node_status(d.cfg)
-    # the status record outlives the lease: a dead node still shows, NotReady
-    store.put(f"node/status/{presence.node}", to_json(status))
-    log.info("node %s registered: %d cpus, %d MiB", presence.node, status.capacity.cpus,
-             status.capacity.memory_bytes >> 20)
-    return None
+def hypervisor_kind(cfg) -> str:
+    if cfg["hypervisor"] in ("kvm", "qemu"):
+        return cfg["hypervisor"]
+    if cfg["hypervisor"] != "auto":
+        raise ConfigError("option hypervisor: auto, kvm or qemu")
+    if cfg["libvirt_uri"].startswith("test:"):
+        return "test"
+    from braid.kvm_probe import hypervisor_kind as probe
+    return probe()
+
+
+class Agent:
+    """Wires the pieces; one per process."""
+
+    def __init__(self):
+        self.reconciler: VMReconciler | None = None
+        self.controller: Controller | None = None
+
+    def register(self, d) -> None:
+        cfg = d.cfg
+        self.node = node_name(cfg)
+        self.console_dir = os.path.join(cfg["console_dir"], self.node)
+        d.server.add_generic_rpc_handlers((console_handler(
+            lambda vm: os.path.join(self.console_dir, f"{vm}.log"),
+            lambda vm: self.reconciler is not None and self.reconciler.hv.domain(vm) is not None),))
+        d.add_service("braid.v1.NodeAgentService")
+
+    def hook(self, d, store, presence):
+        cfg = d.cfg
+        kind = hypervisor_kind(cfg)
+        os.makedirs(self.console_dir, exist_ok=True)
+        ctx = domain_xml.HostContext(
+            domain_type="kvm" if kind == "kvm" else "qemu", node=self.node,
+            console_log_dir=self.console_dir,
+            nbd_socket_for=lambda vol: f"/run/braid/{self.node}/nbd/{vol}.sock")
+        hv = Hypervisor(cfg["libvirt_uri"], self.node, on_event=lambda vm: self.enqueue(vm))
+        try:
+            hv.open()
+        except HypervisorError as exc:
+            raise ConfigError(str(exc)) from None
+        self.reconciler = VMReconciler(store, hv, self.node, ctx, cfg["shutdown_timeout"])
+        informer = Informer(store, "vm/", lambda key, kv: self.enqueue(key.rsplit("/", 1)[-1]),
+                            name="vms")
+        self.informer = informer
+        self.controller = Controller("vms", self.reconciler.reconcile, workers=cfg["workers"],
+                                     resync_period=30.0, list_keys=self.vm_names)
+        status = node_status(cfg, kind)
+        # the status record outlives the lease: a dead node still shows, NotReady
+        store.put(f"node/status/{self.node}", to_json(status))
+        self.controller.start()
+        informer.start()
+        log.info("node %s registered: %d cpus, %d MiB, hypervisor %s", self.node,
+                 status.capacity.cpus, status.capacity.memory_bytes >> 20, kind)
+
+        def stop():
+            informer.stop()
+            self.controller.stop()
+            hv.close()
+
+        return stop
+
+    def vm_names(self) -> set[str]:
+        """Every VM to look at: those in etcd and those libvirt runs here."""
+        names = {k.split("/", 2)[2] for k in self.informer.keys() if k.count("/") == 2}
+        return names | set(self.reconciler.hv.list_domains())
+
+    def enqueue(self, vm: str) -> None:
+        if self.controller is not None:
+            self.controller.enqueue(vm)
+
+    def on_lost(self) -> None:
+        if self.reconciler is not None:
+            self.reconciler.fence()
+
+    def on_registered(self, lease) -> None:
+        if self.reconciler is not None and self.reconciler.fenced:
+            log.info("registered again: leaving self-fenced mode")
+            self.reconciler.unfence()
+            for vm in self.vm_names():
+                self.enqueue(vm)
 
 
 def main(argv=None) -> int:
-    return run_main("node-agent", OPTIONS, node_daemon_body("node-agent", hook), argv)
+    agent = Agent()
+    return run_main("node-agent", OPTIONS, node_daemon_body(
+        "node-agent", agent.hook, on_lost=agent.on_lost, on_registered=agent.on_registered,
+        register=agent.register), argv)
 
 
 if __name__ == "__main__":

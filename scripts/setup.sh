@@ -6,9 +6,13 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
-# Debian packages: etcd (server + etcdctl) for the control plane; iproute2
-# and procps for the tests. Later issues add libvirt/qemu/nbd/nftables here.
-APT_PACKAGES=(etcd-server etcd-client iproute2 procps)
+# Debian packages: etcd (server + etcdctl) for the control plane; libvirt +
+# QEMU for VMs (libvirt-dev + pkg-config to build libvirt-python); Debian's
+# cloud kernel is fetched by `braid dev guest` (busybox-static, cpio for its
+# initramfs); iproute2 and procps for the tests.
+APT_PACKAGES=(etcd-server etcd-client libvirt-daemon-system libvirt-daemon-driver-qemu
+              libvirt-clients libvirt-dev pkg-config gcc qemu-system-x86 qemu-utils
+              busybox-static cpio iproute2 procps)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

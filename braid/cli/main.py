@@ -22,9 +22,10 @@ import grpc
 
 from braid import kinds as K
 from braid.cli import manifests, output
+from braid.cli import vm as vm_cli
 from braid.client import ApiCallError, Client
 from braid.localcluster import ClusterError, LocalCluster, default_data_dir
-from braid.v1 import meta_pb2
+from braid.v1 import compute_pb2, meta_pb2
 
 EXIT_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: 2,
@@ -209,6 +210,34 @@ def cmd_watch(args) -> int:
     return 0
 
 
+# -- vm commands -------------------------------------------------------------------
+
+def cmd_vm_power(args) -> int:
+    with client(args) as c:
+        if args.action == "restart":
+            vm_cli.set_power(c, args.name, compute_pb2.STOPPED)
+            vm_cli.wait_phase(c, args.name, "Stopped", args.wait or 120)
+            vm_cli.set_power(c, args.name, compute_pb2.RUNNING)
+            target = compute_pb2.RUNNING
+        else:
+            target = vm_cli.POWER[args.action]
+            vm_cli.set_power(c, args.name, target)
+        print(f"vm/{args.name}: {args.action} requested", flush=True)
+        if args.wait:
+            vm_cli.wait_phase(c, args.name, vm_cli.DONE[target], args.wait)
+            print(f"vm/{args.name}: {vm_cli.DONE[target]}")
+    return 0
+
+
+def cmd_vm_console(args) -> int:
+    with client(args) as c:
+        address = vm_cli.agent_address(c, args.name)
+    if args.follow:
+        print(f"-- console of {args.name} (Ctrl-C to leave) --", file=sys.stderr, flush=True)
+    vm_cli.stream_console(address, args.name, follow=args.follow, tail=args.tail)
+    return 0
+
+
 # -- cluster commands --------------------------------------------------------------
 
 def cmd_cluster_up(args) -> int:
@@ -218,7 +247,7 @@ def cmd_cluster_up(args) -> int:
     t0 = time.monotonic()
     try:
         state = cluster.up(nodes=args.nodes, lease_ttl=args.lease_ttl, timeout=args.wait,
-                           progress=say)
+                           libvirt_uri=args.libvirt_uri, progress=say)
     except ClusterError as exc:
         raise CliError(str(exc)) from None
     print(f"Cluster ready in {time.monotonic() - t0:.1f}s.")
@@ -299,6 +328,28 @@ def cmd_cluster_status(args) -> int:
     return 0 if info is not None else 5
 
 
+# -- dev commands ------------------------------------------------------------------
+
+def cmd_dev_guest(args) -> int:
+    from pathlib import Path
+
+    from braid import devguest
+    out = Path(args.out) if args.out else devguest.default_guest_dir()
+    try:
+        paths = devguest.build_guest(out, force=args.force, progress=lambda s: print(f"  {s}", flush=True))
+    except devguest.GuestBuildError as exc:
+        raise CliError(str(exc)) from None
+    print(f"Guest ready in {out}:")
+    print(f"  kernel:  {paths.kernel}")
+    print(f"  initrd:  {paths.initrd}")
+    print(f"  cmdline: {devguest.guest_cmdline()}")
+    print(f"It prints '{devguest.READY_LINE}' on its serial console once booted.")
+    if out != devguest.DEFAULT_GUEST_DIR:
+        print(f"Note: examples/tiny-vm.yaml refers to {devguest.DEFAULT_GUEST_DIR}; edit its boot paths.")
+    print("Boot it: braid cluster up; braid apply -f examples/tiny-vm.yaml; braid vm console tiny")
+    return 0
+
+
 # -- argument parsing -------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,6 +405,25 @@ def build_parser() -> argparse.ArgumentParser:
     outputs(sp, ("text", "json"), "text")
     sp.set_defaults(fn=cmd_watch)
 
+    vmp = sub.add_parser("vm", help="power, console and logs of a VM")
+    vsub = vmp.add_subparsers(dest="vm_command", metavar="ACTION")
+    for action in ("start", "stop", "pause", "resume", "restart"):
+        sp = vsub.add_parser(action, help=f"{action} a VM")
+        sp.add_argument("name")
+        sp.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                        help="wait until the VM got there (0: return at once)")
+        sp.set_defaults(fn=cmd_vm_power, action=action)
+    sp = vsub.add_parser("console", help="stream the serial console (Ctrl-C to leave)")
+    sp.add_argument("name")
+    sp.add_argument("--tail", type=int, default=4096, help="bytes of history first")
+    sp.set_defaults(fn=cmd_vm_console, follow=True)
+    sp = vsub.add_parser("logs", help="print the console log")
+    sp.add_argument("name")
+    sp.add_argument("--tail", type=int, default=0, help="only the last N bytes")
+    sp.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    sp.set_defaults(fn=cmd_vm_console)
+    vmp.set_defaults(fn=lambda a: (vmp.print_help(), 2)[1])
+
     cl = sub.add_parser("cluster", help="run a local cluster on this machine")
     csub = cl.add_subparsers(dest="cluster_command", metavar="ACTION")
     sp = csub.add_parser("up", help="start etcd, controller, scheduler and N nodes")
@@ -361,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lease-ttl", type=int, default=5, help="node lease TTL in seconds")
     sp.add_argument("--wait", type=float, default=90.0, help="seconds to wait for readiness")
     sp.add_argument("--foreground", action="store_true", help="stay until Ctrl-C, then stop it")
+    sp.add_argument("--libvirt-uri", default="qemu:///system",
+                    help="libvirt of the node agents (test:///default: simulated hypervisor)")
     sp.set_defaults(fn=cmd_cluster_up)
     sp = csub.add_parser("down", help="stop every process of the local cluster")
     sp.set_defaults(fn=cmd_cluster_down)
@@ -368,6 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
     outputs(sp, ("text", "json"), "text")
     sp.set_defaults(fn=cmd_cluster_status)
     cl.set_defaults(fn=lambda a: (cl.print_help(), 2)[1])
+
+    dv = sub.add_parser("dev", help="developer tools")
+    dsub = dv.add_subparsers(dest="dev_command", metavar="ACTION")
+    sp = dsub.add_parser("guest", help="build the tiny test guest (Debian cloud kernel + busybox initramfs)")
+    sp.add_argument("--out", metavar="DIR", default=None,
+                    help="output directory (env BRAID_GUEST_DIR; default /var/lib/braid/guest)")
+    sp.add_argument("--force", action="store_true", help="rebuild even if a valid guest is there")
+    sp.set_defaults(fn=cmd_dev_guest)
+    dv.set_defaults(fn=lambda a: (dv.print_help(), 2)[1])
     return p
 
 

@@ -46,7 +46,8 @@ def _cmdlines_mentioning(text: str) -> list[str]:
 def test_cluster_up_apply_watch_down(tmp_path):
     data = tmp_path / "cluster"
     try:
-        up = braid(data, "cluster", "up", "--nodes", "3", "--lease-ttl", "3")
+        up = braid(data, "cluster", "up", "--nodes", "3", "--lease-ttl", "3",
+                   "--libvirt-uri", "test:///default")
         assert "Cluster ready" in up.stdout
         state = json.loads((data / "cluster.json").read_text())
         assert len(state["processes"]) == 1 + 2 + 3 * 3
@@ -63,7 +64,7 @@ def test_cluster_up_apply_watch_down(tmp_path):
             stdout=subprocess.PIPE, text=True, env={**os.environ, "ETCDCTL_API": "3"})
         time.sleep(0.5)
         applied = braid(data, "apply", "-f", "examples/")
-        assert applied.stdout.count(" created") == 8  # every kind but Node
+        assert applied.stdout.count(" created") == 9  # every kind but Node; two VMs
         assert "node/node1 configured" in applied.stdout
         time.sleep(1.0)
         watch.terminate()
@@ -79,7 +80,7 @@ def test_cluster_up_apply_watch_down(tmp_path):
         table = braid(data, "get", "volumes").stdout
         assert "vol1" in table and "1GiB" in table
         again = braid(data, "apply", "-f", "examples/")
-        assert again.stdout.count(" unchanged") == 9
+        assert again.stdout.count(" unchanged") == 10
 
         status = braid(data, "cluster", "status")
         assert "Nodes: 3/3 Ready" in status.stdout and "Leader of scheduler" in status.stdout

@@ -1,0 +1,106 @@
+"""Start Debian's libvirtd (and virtlogd, which writes VM console logs)
+without systemd, as the local cluster and the tests need them.
+
+On real nodes systemd runs them (libvirtd.service); this is for machines
+where nothing started them yet. Idempotent.
+
+Where /dev/kvm exists but KVM does not really run guests (nested KVM here:
+see braid.kvm_probe), libvirtd re-probes QEMU's capabilities with KVM on
+every call that needs them (~40 s each: a domain define never seems to
+finish). So when the probe says KVM is unusable, libvirtd runs in a private
+mount namespace where /dev/kvm is /dev/null: it sees no KVM and uses TCG.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import time
+
+from braid import kvm_probe
+
+SOCKET = "/var/run/libvirt/libvirt-sock"
+
+
+class LibvirtdError(RuntimeError):
+    pass
+
+
+def _pid(name: str) -> int | None:
+    """The pid of a live (not zombie) process of that name."""
+    out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True)
+    for pid in out.stdout.split():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    return int(pid)
+        except OSError:
+            continue
+    return None
+
+
+def _running(name: str) -> bool:
+    return _pid(name) is not None
+
+
+def _sees_kvm(pid: int) -> bool:
+    """Whether the process sees the real /dev/kvm (a char device 10:232)."""
+    try:
+        st = os.stat(f"/proc/{pid}/root/dev/kvm")
+    except OSError:
+        return False
+    return os.major(st.st_rdev) == 10 and os.minor(st.st_rdev) == 232
+
+
+def ensure_libvirtd(timeout: float = 20.0) -> None:
+    if shutil.which("libvirtd") is None:
+        raise LibvirtdError("libvirtd is not installed (make setup installs libvirt-daemon-system)")
+    try:
+        pwd.getpwnam("libvirt-qemu")
+        grp.getgrnam("kvm")
+    except KeyError:
+        raise LibvirtdError("user libvirt-qemu / group kvm missing: reinstall "
+                            "libvirt-daemon-system (its postinst creates them)") from None
+    if os.geteuid() != 0:
+        if _running("libvirtd"):
+            return
+        raise LibvirtdError("libvirtd is not running and starting it needs root")
+    for d in ("/var/run/libvirt", "/var/log/libvirt", "/var/lib/libvirt/qemu"):
+        os.makedirs(d, exist_ok=True)
+    if not _running("virtlogd"):
+        subprocess.run(["virtlogd", "-d"], check=True)
+    hide_kvm = os.path.exists("/dev/kvm") and kvm_probe.hypervisor_kind() != "kvm"
+    pid = _pid("libvirtd")
+    if pid and hide_kvm and _sees_kvm(pid):
+        # started by someone else with the broken /dev/kvm visible: restart it
+        # (running domains survive a libvirtd restart)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while _running("libvirtd") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _running("libvirtd"):
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+        pid = None
+    if not pid:
+        if hide_kvm:
+            subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                            "mount --bind /dev/null /dev/kvm && exec libvirtd -d"], check=True)
+        else:
+            subprocess.run(["libvirtd", "-d"], check=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True)
+        if out.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise LibvirtdError(f"libvirtd did not answer within {timeout:.0f}s (see /var/log/libvirt)")
+
+
+if __name__ == "__main__":
+    ensure_libvirtd()
+    print("libvirtd and virtlogd are running")
