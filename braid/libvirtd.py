@@ -30,17 +30,26 @@ class LibvirtdError(RuntimeError):
     pass
 
 
+PID_FILES = {"libvirtd": "/var/run/libvirtd.pid", "virtlogd": "/var/run/virtlogd.pid"}
+
+
 def _pid(name: str) -> int | None:
-    """The pid of a live (not zombie) process of that name."""
-    out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True)
-    for pid in out.stdout.split():
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    return int(pid)
-        except OSError:
-            continue
-    return None
+    """The pid of the system's (not zombie) daemon of that name, from its pid
+    file: other libvirtds (e.g. tests' own, in namespaces) do not count."""
+    try:
+        with open(PID_FILES[name]) as f:
+            pid = int(f.read().strip() or 0)
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (OSError, ValueError):
+        return None
+    comm = stat[stat.index("(") + 1:stat.rindex(")")]
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return pid if comm == name and state != "Z" else None
+
+
+def system_libvirtd_pid() -> int | None:
+    return _pid("libvirtd")
 
 
 def _running(name: str) -> bool:

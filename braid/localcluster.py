@@ -204,6 +204,11 @@ class LocalCluster:
         processes that had to be killed."""
         procs = self.procs()
         killed = []
+        st = self.state() or {}
+        if st.get("libvirt_uri", "").startswith("qemu") and any(p.alive() for p in procs):
+            n = self._remove_domains(st)
+            if n:
+                progress(f"removed {n} VM(s) of this cluster from libvirt")
         daemons = [p for p in procs if p.name != "etcd"]
         for group in (daemons, [p for p in procs if p.name == "etcd"]):
             for p in group:
@@ -228,6 +233,51 @@ class LocalCluster:
         for run in (self.data_dir / "run").glob("*.json") if (self.data_dir / "run").exists() else ():
             run.unlink()
         return killed
+
+
+    def _remove_domains(self, st: dict) -> int:
+        """Power off and undefine the domains of this cluster's nodes (the VMs
+        are processes of the cluster too). Best effort: etcd tells the owner
+        identity the agents wrote into their domains."""
+        import libvirt
+
+        from braid.store import Store, StoreError
+        try:
+            store = Store(st["etcd"], retry_budget=2)
+            cid = store.cluster_id()
+            store.close()
+        except (StoreError, KeyError, ValueError):
+            return 0
+        owners = {f"{n}@{cid}" for n in st.get("nodes", [])}
+        removed = 0
+        try:
+            conn = libvirt.open(st["libvirt_uri"])
+        except libvirt.libvirtError:
+            return 0
+        try:
+            for dom in conn.listAllDomains():
+                if not dom.name().startswith("braid-"):
+                    continue
+                try:
+                    if _owner(dom.XMLDesc(0)) not in owners:
+                        continue
+                    if dom.isActive():
+                        dom.destroy()
+                    dom.undefine()
+                    removed += 1
+                except libvirt.libvirtError:
+                    continue
+        finally:
+            conn.close()
+        return removed
+
+
+def _owner(xml: str) -> str:
+    from node_agent.domain_xml import parse_braid_metadata
+    try:
+        return parse_braid_metadata(xml).get("node", "")
+    except ValueError:
+        return ""
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -30,6 +30,7 @@ from braid.store import (
     Unavailable,
 )
 from braid.v1 import meta_pb2
+from controller import checks
 from controller.watchhub import KindHub, Overflow
 
 log = logging.getLogger("braid.controller.resources")
@@ -138,6 +139,12 @@ class Resources:
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
                            "; ".join(str(e) for e in errs[:10]), errs)
 
+    def _prerequisites(self, kind: K.Kind, obj: Message, old: Message | None) -> None:
+        errs = checks.problems(self.store, kind, obj, old)
+        if errs:
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                           "; ".join(str(e) for e in errs[:10]), errs)
+
     def _name(self, name: str) -> None:
         errs = validation.Errors()
         errs.name("name", name)
@@ -167,6 +174,7 @@ class Resources:
         obj.ClearField("status")
         apply_defaults(kind, obj)
         self._validate(kind, obj)
+        self._prerequisites(kind, obj, None)
         md = obj.metadata
         md.uid = str(uuid.uuid4())
         md.created_at = _now()
@@ -245,6 +253,7 @@ class Resources:
         new.spec.CopyFrom(obj.spec)
         apply_defaults(kind, new)
         self._validate(kind, new)
+        self._prerequisites(kind, new, current)
         if new.spec != current.spec:
             new.metadata.generation = current.metadata.generation + 1
         try:

@@ -46,6 +46,8 @@ def _start_event_loop() -> None:
         if _event_loop_started:
             return
         libvirt.virEventRegisterDefaultImpl()
+        # errors reach us as exceptions; without this libvirt also prints them
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
         def run():
             while True:
@@ -87,9 +89,11 @@ def _meta(xml: str) -> dict[str, str]:
 
 
 class Hypervisor:
-    def __init__(self, uri: str, node: str, on_event: Callable[[str], None] = lambda vm: None):
+    def __init__(self, uri: str, owner: str, on_event: Callable[[str], None] = lambda vm: None):
+        """``owner``: the identity written into (and required in) the Braid
+        metadata of every domain this adapter manages: node@cluster."""
         self.uri = uri
-        self.node = node
+        self.node = owner
         self.on_event = on_event
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.RLock()
@@ -100,8 +104,13 @@ class Hypervisor:
     # -- connection --------------------------------------------------------------
 
     def open(self) -> "Hypervisor":
+        """Connect, or keep trying in the background (libvirtd may start
+        after us); operations fail with HypervisorError until connected."""
         _start_event_loop()
-        self._connect()
+        try:
+            self._connect()
+        except HypervisorError as exc:
+            log.warning("%s; will keep trying", exc)
         self._watchdog = threading.Thread(target=self._watch, name="libvirt-watchdog", daemon=True)
         self._watchdog.start()
         return self

@@ -22,7 +22,7 @@ from braid.store import Informer
 from braid.v1 import node_pb2
 from node_agent import domain_xml
 from node_agent.console import console_handler
-from node_agent.hypervisor import Hypervisor, HypervisorError
+from node_agent.hypervisor import Hypervisor
 from node_agent.vms import VMReconciler
 
 log = logging.getLogger("braid.node_agent")
@@ -89,15 +89,15 @@ class Agent:
         cfg = d.cfg
         kind = hypervisor_kind(cfg)
         os.makedirs(self.console_dir, exist_ok=True)
+        # domains carry their owner: this node of this cluster (several local
+        # clusters, or several nodes of one, may share a libvirtd)
+        owner = f"{self.node}@{store.cluster_id()}"
         ctx = domain_xml.HostContext(
-            domain_type="kvm" if kind == "kvm" else "qemu", node=self.node,
+            domain_type="kvm" if kind == "kvm" else "qemu", node=owner,
             console_log_dir=self.console_dir,
             nbd_socket_for=lambda vol: f"/run/braid/{self.node}/nbd/{vol}.sock")
-        hv = Hypervisor(cfg["libvirt_uri"], self.node, on_event=lambda vm: self.enqueue(vm))
-        try:
-            hv.open()
-        except HypervisorError as exc:
-            raise ConfigError(str(exc)) from None
+        hv = Hypervisor(cfg["libvirt_uri"], owner, on_event=lambda vm: self.enqueue(vm))
+        hv.open()
         self.reconciler = VMReconciler(store, hv, self.node, ctx, cfg["shutdown_timeout"])
         informer = Informer(store, "vm/", lambda key, kv: self.enqueue(key.rsplit("/", 1)[-1]),
                             name="vms")

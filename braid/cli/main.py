@@ -104,12 +104,18 @@ def cmd_describe(args) -> int:
     return 0
 
 
+# objects referred to by others come first (a VM needs its volume and network)
+KIND_ORDER = ["node", "diskpool", "network", "router", "subnet", "securitygroup", "port",
+              "volume", "vm"]
+
+
 def _docs(args) -> list[manifests.Doc]:
     try:
         docs = []
         for f in args.filename:
             docs += manifests.load(f)
-        return docs
+        return sorted(docs, key=lambda d: KIND_ORDER.index(d.kind.name)
+                      if d.kind.name in KIND_ORDER else len(KIND_ORDER))
     except manifests.ManifestError as exc:
         raise CliError(str(exc), 2) from None
 

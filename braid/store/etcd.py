@@ -243,6 +243,14 @@ class Store:
             out[k] = self._kv(kvs[0]) if kvs else None
         return out, resp.header.revision
 
+    def cluster_id(self) -> str:
+        """Identifies this cluster's state: etcd's cluster id plus our prefix
+        (two Braid clusters never share both)."""
+        resp = self._call(
+            self._kvstub.Range, etcdrpc.RangeRequest(key=self._k(""), count_only=True)
+        )
+        return f"{resp.header.cluster_id:x}{self.prefix}"
+
     def revision(self) -> int:
         """The current revision of the store."""
         resp = self._call(

@@ -13,6 +13,7 @@ import pytest
 
 from braid import __version__
 from braid import kinds as K
+from braid.cli.main import KIND_ORDER
 from braid.cli.manifests import load
 from braid.client import ApiCallError, Client
 from braid.v1 import compute_pb2, meta_pb2, node_pb2
@@ -157,8 +158,12 @@ def shared(etcd_server, tmp_path_factory):
 
 @pytest.fixture
 def kind_api(shared, kind_name):
+    deps = ["volume", "network"] if kind_name == "vm" else []  # what examples/vm.yaml uses
+    for dep in deps:
+        shared.api.create(example(dep))
     yield shared.api
-    shared.store.delete_prefix(f"{kind_name}/")  # leave nothing behind, even on failure
+    for prefix in [kind_name] + deps:
+        shared.store.delete_prefix(f"{prefix}/")  # leave nothing behind, even on failure
     assert shared.proc.proc.poll() is None, "the controller died"
 
 
@@ -251,8 +256,15 @@ def test_conflicts(kind_api, shared, kind_name):
     assert raw_store.get(kind.spec_key(name)) is None
 
 
+def with_vm_deps(api):
+    """examples/vm.yaml refers to volume vol1 and network net1: create them."""
+    for dep in ("volume", "network"):
+        api.create(example(dep))
+    return example("vm")
+
+
 def test_concurrent_updates_exactly_one_wins(api, controller):
-    vm = api.create(example("vm"))
+    vm = api.create(with_vm_deps(api))
     clients = [Client(controller.address) for _ in range(8)]
     try:
         for rnd in range(3):
@@ -405,7 +417,7 @@ def test_watch_compacted_revision_is_out_of_range(api, raw_store):
 # -- status written by owners -----------------------------------------------------------
 
 def test_status_shows_in_get_and_watch(api, raw_store):
-    vm = api.create(example("vm"))
+    vm = api.create(with_vm_deps(api))
     w = Events(api, "vm")
     try:
         assert summary(w.until_synced()) == [("ADDED", "web1"), ("SYNCED", "")]
@@ -548,7 +560,7 @@ def test_cluster_info_counts_objects_per_kind(api):
     assert info.cluster_name == "braid" and info.version == __version__
     assert set(info.objects) == set(K.KINDS) and not any(info.objects.values())
     last = 0
-    for name in ALL_KINDS:
+    for name in KIND_ORDER:
         last = api.create(example(name)).metadata.resource_version
     api.create(_volume("vol2"))
     info = api.info()

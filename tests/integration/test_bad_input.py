@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from braid import kinds as K
+from braid.cli.main import KIND_ORDER
 from braid.cli.manifests import load
 from braid.client import ApiCallError, Client
 from braid.v1 import compute_pb2, meta_pb2, network_pb2, node_pb2
@@ -63,7 +64,7 @@ def assert_invalid(exc: ApiCallError, field: str) -> None:
 
 def seed(api: Client) -> dict[str, object]:
     """One object of every kind; returns kind -> object as created."""
-    return {name: api.create(example(name)) for name in sorted(K.KINDS)}
+    return {name: api.create(example(name)) for name in KIND_ORDER}
 
 
 def assert_intact(proc, api: Client, seeded: dict[str, object]) -> None:
@@ -341,7 +342,14 @@ def _vm(name: str):
     return vm
 
 
+def _vm_deps(api) -> None:
+    """examples/vm.yaml refers to volume vol1 and network net1."""
+    api.create(example("volume"))
+    api.create(example("network"))
+
+
 def test_garbage_in_etcd(api, raw_store, controller):
+    _vm_deps(api)
     web1 = api.create(_vm("web1"))
     good = api.create(_vm("good"))
     w = Events(api, "vm")
@@ -412,6 +420,7 @@ GARBAGE = {
 
 
 def test_any_garbage_spec_is_data_loss_and_repairable(api, raw_store, controller):
+    _vm_deps(api)
     web1 = api.create(_vm("web1"))
     junk = sorted(f"junk-{gid}" for gid in GARBAGE)
     for gid, garbage in GARBAGE.items():
@@ -485,7 +494,12 @@ def test_cli_exit_codes(api, controller, tmp_path, raw_store):
     r = braid(controller, "describe", "vm", "missing")
     assert r.returncode == 3
 
+    # a VM needs its volume and network: FAILED_PRECONDITION (exit 4) naming them
     r = braid(controller, "create", "-f", "examples/vm.yaml")
+    assert r.returncode == 4 and "FAILED_PRECONDITION" in r.stderr
+    assert "spec.disks[0].volume" in r.stderr and "spec.nics[0].network" in r.stderr
+    r = braid(controller, "create", "-f", "examples/vm.yaml", "-f", "examples/volume.yaml",
+              "-f", "examples/network.yaml")
     assert r.returncode == 0 and "vm/web1 created" in r.stdout
     r = braid(controller, "create", "-f", "examples/vm.yaml")
     assert r.returncode == 4 and "ALREADY_EXISTS" in r.stderr
