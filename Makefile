@@ -12,6 +12,7 @@ setup:
 	@./scripts/setup.sh
 
 run: setup
+	$(VENV)/bin/braid dev guest
 	$(VENV)/bin/braid cluster up --nodes $(NODES) --foreground
 
 test: setup proto-check lint
