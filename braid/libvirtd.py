@@ -8,7 +8,10 @@ Where /dev/kvm exists but KVM does not really run guests (nested KVM here:
 see braid.kvm_probe), libvirtd re-probes QEMU's capabilities with KVM on
 every call that needs them (~40 s each: a domain define never seems to
 finish). So when the probe says KVM is unusable, libvirtd runs in a private
-mount namespace where /dev/kvm is /dev/null: it sees no KVM and uses TCG.
+mount namespace where /dev/kvm is a char device nobody may open (mode 000):
+it sees no usable KVM and uses TCG. (/dev/null would not do: libvirt only
+checks that /dev/kvm is accessible, finds it is, and then throws its
+KVM-less capability cache away on every lookup.)
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import time
 
@@ -46,6 +50,21 @@ def _pid(name: str) -> int | None:
     comm = stat[stat.index("(") + 1:stat.rindex(")")]
     state = stat.rsplit(")", 1)[1].split()[0]
     return pid if comm == name and state != "Z" else None
+
+
+def _nokvm_device(path: str = "/run/braid/nokvm") -> str:
+    """A char device (the null device's numbers) with mode 000."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        st = os.stat(path)
+        if stat.S_ISCHR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0:
+            return path
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    os.mknod(path, stat.S_IFCHR, os.makedev(1, 3))
+    os.chmod(path, 0)
+    return path
 
 
 def system_libvirtd_pid() -> int | None:
@@ -97,8 +116,9 @@ def ensure_libvirtd(timeout: float = 20.0) -> None:
         pid = None
     if not pid:
         if hide_kvm:
+            nokvm = _nokvm_device()
             subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                            "mount --bind /dev/null /dev/kvm && exec libvirtd -d"], check=True)
+                            f"mount --bind {nokvm} /dev/kvm && exec libvirtd -d"], check=True)
         else:
             subprocess.run(["libvirtd", "-d"], check=True)
     deadline = time.monotonic() + timeout

@@ -34,8 +34,10 @@ def node_name(cfg) -> str:
 def node_daemon_body(daemon: str, hook: Hook | None = None,
                      on_lost: Callable[[], None] | None = None,
                      on_registered: Callable[[Lease], None] | None = None,
-                     register: Callable[[Daemon], None] | None = None):
-    """``register(daemon)`` adds gRPC services before the server starts."""
+                     register: Callable[[Daemon], None] | None = None,
+                     presence_info: Callable[[Daemon, Store], dict] | None = None):
+    """``register(daemon)`` adds gRPC services before the server starts;
+    ``presence_info(daemon, store)`` adds fields to the daemon's presence."""
 
     def body(d: Daemon):
         node = node_name(d.cfg)
@@ -45,7 +47,8 @@ def node_daemon_body(daemon: str, hook: Hook | None = None,
         d.start()
         presence = Presence(store, node, daemon, d.cfg["lease_ttl"],
                             grpc_address=d.grpc_address, metrics_address=d.metrics_address,
-                            on_lost=on_lost, on_registered=on_registered)
+                            on_lost=on_lost, on_registered=on_registered,
+                            **(presence_info(d, store) if presence_info else {}))
         presence.start()
         extra_stop = hook(d, store, presence) if hook else None
         d.set_ready(True)

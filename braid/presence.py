@@ -28,7 +28,9 @@ class Presence:
     def __init__(self, store: Store, node: str, daemon: str, ttl: int,
                  grpc_address: str = "", metrics_address: str = "",
                  on_lost: Callable[[], None] | None = None,
-                 on_registered: Callable[[Lease], None] | None = None):
+                 on_registered: Callable[[Lease], None] | None = None,
+                 **extra: str):
+        """``extra``: more DaemonStatus fields (e.g. migration_uri)."""
         self.store = store
         self.node = node
         self.daemon = daemon
@@ -40,6 +42,7 @@ class Presence:
             name=daemon, version=__version__, grpc_address=grpc_address,
             metrics_address=metrics_address, pid=os.getpid(),
             started_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            **extra,
         )
         self.lease: Lease | None = None
         self.registered = threading.Event()

@@ -38,6 +38,9 @@ def vm_problems(store: Store, vm: compute_pb2.VM, old: compute_pb2.VM | None) ->
                     "spec.max_memory_mib",
                     f"{s.max_memory_mib} MiB is more than node {s.node!r} can give "
                     f"({have} MiB allocatable)"))
+    if s.node and old is not None and old.spec.node and old.spec.node != s.node \
+            and store.get(f"node/live/{s.node}/node-agent") is None:
+        out.append(FieldError("spec.node", f"cannot move to node {s.node!r}: it is not Ready"))
     old_volumes = {d.volume for d in old.spec.disks} if old else set()
     for i, d in enumerate(s.disks):
         if d.volume and d.volume not in old_volumes and not _exists(store, "volume", d.volume):

@@ -296,3 +296,28 @@ def parse_braid_metadata(xml: str) -> dict:
         raise ValueError(f"generation: not an integer: {generation!r}")
     return {"name": el.get("name", ""), "uid": el.get("uid", ""), "generation": int(generation),
             "node": el.get("node", "")}
+
+
+def retarget(xml: str, owner: str, src_node: str, dst_node: str) -> str:
+    """The XML a domain should have on another node after live migration:
+    the same machine, with that node's owner identity in the metadata and
+    its own NBD sockets and console log directory (paths that name the
+    source node name the destination instead)."""
+    root = ET.fromstring(xml)
+    el = root.find(f"metadata/{{{XMLNS}}}vm")
+    if el is None:
+        raise ValueError("domain has no Braid metadata")
+    el.set("node", _text(owner, "owner"))
+
+    def move(path: str) -> str:
+        parts = path.split("/")
+        return "/".join(dst_node if p == src_node else p for p in parts)
+
+    for host in root.iterfind("devices/disk/source/host"):
+        if host.get("socket"):
+            host.set("socket", move(host.get("socket")))
+    for log in root.iterfind("devices/serial/log"):
+        if log.get("file"):
+            log.set("file", move(log.get("file")))
+    ET.register_namespace("braid", XMLNS)
+    return ET.tostring(root, encoding="unicode")

@@ -243,6 +243,10 @@ class Hypervisor:
     def define(self, xml: str) -> None:
         self._call("define", self.conn.defineXML, xml)
 
+    def migratable_xml(self, vm: str) -> str:
+        return self._call(f"reading {vm}", self._dom(vm).XMLDesc,
+                          libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+
     def _dom(self, vm: str):
         dom = self._lookup(vm)
         if dom is None:
@@ -292,6 +296,56 @@ class Hypervisor:
     def detach(self, vm: str, device_xml: str, live: bool) -> None:
         flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
         self._call(f"detach device from {vm}", self._dom(vm).detachDeviceFlags, device_xml, flags)
+
+    def migrate(self, vm: str, dest_uri: str, dest_xml: str,
+                on_progress: Callable[[dict], None] = lambda stats: None,
+                should_cancel: Callable[[], bool] = lambda: False, poll: float = 0.5,
+                bandwidth_mib: int = 0) -> dict:
+        """Live-migrate ``vm`` peer-to-peer to the libvirtd at ``dest_uri``
+        (shared storage: only memory and device state move). Calls
+        ``on_progress(jobStats)`` while it runs and aborts the job when
+        ``should_cancel()`` says so. Returns the last job statistics."""
+        dom = self._dom(vm)
+        host = dest_uri.split("://", 1)[1].split("/", 1)[0].split("@")[-1]
+        params = {
+            libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{host}",
+            libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_xml,
+            libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: dest_xml,
+        }
+        if bandwidth_mib:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth_mib
+        flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+                 | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+        outcome: dict = {}
+
+        def run():
+            try:
+                dom.migrateToURI3(dest_uri, params, flags)
+            except libvirt.libvirtError as exc:
+                outcome["error"] = exc.get_error_message()
+
+        t = threading.Thread(target=run, name=f"migrate-{vm}", daemon=True)
+        t.start()
+        last: dict = {}
+        cancelled = False
+        while t.is_alive():
+            t.join(poll)
+            try:
+                stats = dom.jobStats()
+                if stats.get("type", 0):
+                    last = stats
+                    on_progress(stats)
+            except libvirt.libvirtError:
+                pass
+            if not cancelled and t.is_alive() and should_cancel():
+                cancelled = True
+                try:
+                    dom.abortJob()
+                except libvirt.libvirtError as exc:
+                    log.warning("aborting the migration of %s: %s", vm, exc.get_error_message())
+        if "error" in outcome:
+            raise HypervisorError(f"migration of {vm} to {dest_uri}: {outcome['error']}")
+        return last
 
     def capacity(self) -> tuple[int, int, int]:
         """(cpus, memory bytes, NUMA cells) as libvirt sees the host."""

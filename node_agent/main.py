@@ -37,6 +37,9 @@ OPTIONS = NODE_OPTIONS + [
     Option("reserved_cpus", 0, "CPUs kept for the platform itself", int),
     Option("reserved_memory_mib", 1024, "memory kept for the platform itself (MiB)", int),
     Option("workers", 4, "VM reconcile workers", int),
+    Option("migration_uri", "", "libvirt URI other nodes live-migrate VMs to, e.g. "
+           "qemu+tcp://10.0.0.5/system ('': no live migration to this node)"),
+    Option("migration_bandwidth", 0, "MiB/s cap of outgoing live migrations (0: none)", int),
 ]
 
 
@@ -89,16 +92,15 @@ class Agent:
         cfg = d.cfg
         kind = hypervisor_kind(cfg)
         os.makedirs(self.console_dir, exist_ok=True)
-        # domains carry their owner: this node of this cluster (several local
-        # clusters, or several nodes of one, may share a libvirtd)
-        owner = f"{self.node}@{store.cluster_id()}"
+        owner = self.owner
         ctx = domain_xml.HostContext(
             domain_type="kvm" if kind == "kvm" else "qemu", node=owner,
             console_log_dir=self.console_dir,
             nbd_socket_for=lambda vol: f"/run/braid/{self.node}/nbd/{vol}.sock")
         hv = Hypervisor(cfg["libvirt_uri"], owner, on_event=lambda vm: self.enqueue(vm))
         hv.open()
-        self.reconciler = VMReconciler(store, hv, self.node, ctx, cfg["shutdown_timeout"])
+        self.reconciler = VMReconciler(store, hv, self.node, ctx, cfg["shutdown_timeout"],
+                                       cfg["migration_bandwidth"])
         informer = Informer(store, "vm/", lambda key, kv: self.enqueue(key.rsplit("/", 1)[-1]),
                             name="vms")
         self.informer = informer
@@ -124,6 +126,12 @@ class Agent:
         names = {k.split("/", 2)[2] for k in self.informer.keys() if k.count("/") == 2}
         return names | set(self.reconciler.hv.list_domains())
 
+    def presence_info(self, d, store) -> dict:
+        # domains carry their owner: this node of this cluster (several local
+        # clusters, or several nodes of one, may share a libvirtd)
+        self.owner = f"{self.node}@{store.cluster_id()}"
+        return {"owner": self.owner, "migration_uri": d.cfg["migration_uri"]}
+
     def enqueue(self, vm: str) -> None:
         if self.controller is not None:
             self.controller.enqueue(vm)
@@ -144,7 +152,7 @@ def main(argv=None) -> int:
     agent = Agent()
     return run_main("node-agent", OPTIONS, node_daemon_body(
         "node-agent", agent.hook, on_lost=agent.on_lost, on_registered=agent.on_registered,
-        register=agent.register), argv)
+        register=agent.register, presence_info=agent.presence_info), argv)
 
 
 if __name__ == "__main__":

@@ -235,6 +235,14 @@ def cmd_vm_power(args) -> int:
     return 0
 
 
+def cmd_vm_migrate(args) -> int:
+    if bool(args.to) == bool(args.cancel):
+        raise CliError("give --to NODE or --cancel", 2)
+    with client(args) as c:
+        vm_cli.migrate(c, args.name, args.to, args.cancel, args.wait)
+    return 0
+
+
 def cmd_vm_console(args) -> int:
     with client(args) as c:
         address = vm_cli.agent_address(c, args.name)
@@ -419,6 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                         help="wait until the VM got there (0: return at once)")
         sp.set_defaults(fn=cmd_vm_power, action=action)
+    sp = vsub.add_parser("migrate", help="move a VM to another node (live when it runs)")
+    sp.add_argument("name")
+    sp.add_argument("--to", help="target node")
+    sp.add_argument("--cancel", action="store_true", help="cancel a running migration")
+    sp.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                    help="wait until the VM runs on the target, showing progress")
+    sp.set_defaults(fn=cmd_vm_migrate)
     sp = vsub.add_parser("console", help="stream the serial console (Ctrl-C to leave)")
     sp.add_argument("name")
     sp.add_argument("--tail", type=int, default=4096, help="bytes of history first")

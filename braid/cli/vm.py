@@ -83,3 +83,47 @@ def stream_console(address: str, vm: str, follow: bool, tail: int, out=None) -> 
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 raise ApiCallError.from_rpc(exc) from None
+
+
+def migrate(c: Client, name: str, to: str | None, cancel: bool, wait: float, out=sys.stderr) -> None:
+    """Move a VM to another node (live when both nodes can), or cancel a
+    running move by pointing it back at its current node."""
+    for attempt in range(10):
+        vm = c.get("vm", name)
+        if cancel:
+            if not vm.status.node or vm.status.node == vm.spec.node:
+                raise ApiCallError(grpc.StatusCode.FAILED_PRECONDITION, f"vm {name} is not moving")
+            target = vm.status.node
+        else:
+            target = to
+            if vm.spec.node == target:
+                raise ApiCallError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"vm {name} is already on {target}")
+        vm.spec.node = target
+        vm.ClearField("status")
+        try:
+            c.update(vm)
+            break
+        except ApiCallError as exc:
+            if exc.code != grpc.StatusCode.ABORTED or attempt == 9:
+                raise
+    print(f"vm/{name}: {'cancel' if cancel else 'move to ' + target} requested", file=out, flush=True)
+    if not wait:
+        return
+    deadline = time.monotonic() + wait
+    last = None
+    while time.monotonic() < deadline:
+        st = c.get("vm", name).status
+        m = st.migration
+        line = (m.phase, m.data_remaining_bytes >> 20)
+        if m.target_node == target and line != last and m.phase:
+            print(f"  {name}: migration {m.phase}, {m.data_remaining_bytes >> 20} MiB left"
+                  f"{', downtime ' + str(m.downtime_ms) + ' ms' if m.downtime_ms else ''}"
+                  f"{' - ' + m.message if m.message else ''}", file=out, flush=True)
+            last = line
+        if st.node == target and st.phase in ("Running", "Paused", "Stopped"):
+            return
+        if m.target_node == target and m.phase == "Failed":
+            raise ApiCallError(grpc.StatusCode.ABORTED, f"migration of {name} failed: {m.message}")
+        time.sleep(0.2)
+    raise ApiCallError(grpc.StatusCode.DEADLINE_EXCEEDED, f"vm {name} not on {target} after {wait:.0f}s")

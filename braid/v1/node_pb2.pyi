@@ -24,7 +24,7 @@ class Resources(_message.Message):
     def __init__(self, cpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class DaemonStatus(_message.Message):
-    __slots__ = ("name", "live", "version", "grpc_address", "metrics_address", "pid", "started_at", "lease_id")
+    __slots__ = ("name", "live", "version", "grpc_address", "metrics_address", "pid", "started_at", "lease_id", "migration_uri", "owner")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,8 @@ class DaemonStatus(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_URI_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     name: str
     live: bool
     version: str
@@ -41,7 +43,9 @@ class DaemonStatus(_message.Message):
     pid: int
     started_at: str
     lease_id: int
-    def __init__(self, name: _Optional[str] = ..., live: _Optional[bool] = ..., version: _Optional[str] = ..., grpc_address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., pid: _Optional[int] = ..., started_at: _Optional[str] = ..., lease_id: _Optional[int] = ...) -> None: ...
+    migration_uri: str
+    owner: str
+    def __init__(self, name: _Optional[str] = ..., live: _Optional[bool] = ..., version: _Optional[str] = ..., grpc_address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., pid: _Optional[int] = ..., started_at: _Optional[str] = ..., lease_id: _Optional[int] = ..., migration_uri: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
     __slots__ = ("phase", "addresses", "capacity", "allocatable", "allocated", "hypervisor", "numa_cells", "daemons", "conditions", "registered_at", "kernel")

@@ -83,3 +83,33 @@ def test_fenced_node_powers_off_and_starts_nothing():
     assert ops(p) == ["destroy"] and p.phase == "Fenced"
     assert plan(vm(), NODE, None, None, 0, 30, fenced=True).actions == []
     assert plan(vm(), NODE, dom(state="shutoff"), None, 0, 30, fenced=True).actions == []
+
+
+def test_never_started_while_another_live_node_holds_it():
+    p = plan(vm(), NODE, None, None, 0, 30, held_by="n2")
+    assert p.actions == [] and "n2" in p.message
+    # once migrated here (the domain exists), it is ours to converge
+    assert plan(vm(), NODE, dom(), None, 0, 30, held_by="n2").actions == []
+    assert ops(plan(vm(vcpus=2), NODE, dom(), None, 0, 30, held_by="n2")) == ["set_vcpus"]
+
+
+def test_moved_vm_is_migrated_when_the_target_takes_migrations():
+    p = plan(vm(node="n2"), NODE, dom(), None, 0, 30, can_migrate=True)
+    assert ops(p) == ["migrate"] and p.phase == "Migrating"
+    # a stopped domain is simply handed over (removed here, defined there)
+    assert ops(plan(vm(node="n2"), NODE, dom(state="shutoff"), None, 0, 30, can_migrate=True)) \
+        == ["undefine"]
+    assert ops(plan(vm(node="n2"), NODE, dom(), None, 0, 30, fenced=True, can_migrate=True)) \
+        == ["destroy", "undefine"]
+
+
+def test_incoming_migration_is_left_to_libvirt():
+    v = vm()
+    v.status.node = "n2"
+    v.status.migration.phase = "Running"
+    v.status.migration.target_node = NODE
+    for d in (None, dom(state="paused"), dom(state="shutoff", generation=0)):
+        p = plan(v, NODE, d, None, 0, 30, held_by="n2")
+        assert p.actions == [] and p.phase == "Migrating" and p.hands_off
+    v.status.migration.phase = "Completed"
+    assert plan(v, NODE, dom(), None, 0, 30, held_by="n2").actions == []
