@@ -30,7 +30,11 @@ def console_handler(log_path: Callable[[str], str], known: Callable[[str], bool]
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "tail_bytes: must not be negative")
         path = log_path(req.vm)
         if not os.path.exists(path):
-            if not known(req.vm):
+            try:
+                here = known(req.vm)
+            except Exception as exc:  # libvirt unreachable (restarting): retryable
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot ask libvirt about {req.vm}: {exc}")
+            if not here:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"vm {req.vm!r} has no console on this node")
             if not req.follow:
                 return

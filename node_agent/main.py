@@ -85,8 +85,14 @@ class Agent:
         self.console_dir = os.path.join(cfg["console_dir"], self.node)
         d.server.add_generic_rpc_handlers((console_handler(
             lambda vm: os.path.join(self.console_dir, f"{vm}.log"),
-            lambda vm: self.reconciler is not None and self.reconciler.hv.domain(vm) is not None),))
+            self.known_vm),))
         d.add_service("braid.v1.NodeAgentService")
+
+    def known_vm(self, vm: str) -> bool:
+        """Whether ``vm`` has a domain here (for the Console RPC)."""
+        if self.reconciler is None:
+            return False
+        return self.reconciler.hv.domain(vm) is not None
 
     def hook(self, d, store, presence):
         cfg = d.cfg

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from braid import kinds as K
 from braid.reconcile import Result
-from braid.store import AlreadyExists, Conflict, NotFound, Store
+from braid.store import AlreadyExists, Conflict, Guard, NotFound, Store
 from braid.v1 import compute_pb2, node_pb2
 from node_agent import domain_xml
 from node_agent.hypervisor import Domain, Hypervisor, HypervisorError
@@ -318,12 +318,14 @@ class VMReconciler:
             st.phase = "Starting"
         if st != vm.status:
             # compare-and-set: during a migration the other node writes it too
+            # and only while the VM still exists (no orphan status after a delete)
             key = KIND.status_key(vm.metadata.name)
+            alive = [Guard(KIND.spec_key(vm.metadata.name), vm.metadata.create_revision)]
             try:
                 if vm.metadata.status_revision:
-                    self.store.update(key, K.to_json(st), vm.metadata.status_revision)
+                    self.store.update(key, K.to_json(st), vm.metadata.status_revision, guards=alive)
                 else:
-                    self.store.create(key, K.to_json(st))
+                    self.store.create(key, K.to_json(st), guards=alive)
             except (Conflict, AlreadyExists, NotFound):
                 raise StatusRace(f"status of {vm.metadata.name} changed meanwhile") from None
 

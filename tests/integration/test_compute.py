@@ -48,8 +48,15 @@ def wait(pred, timeout, what):
 
 def domains(prefix="braid-"):
     conn = libvirt.open("qemu:///system")
+    out = {}
     try:
-        return {d.name(): d.isActive() for d in conn.listAllDomains() if d.name().startswith(prefix)}
+        for d in conn.listAllDomains():
+            try:
+                if d.name().startswith(prefix):
+                    out[d.name()] = bool(d.isActive())
+            except libvirt.libvirtError:
+                continue  # undefined between the listing and the question
+        return out
     finally:
         conn.close()
 

@@ -32,8 +32,14 @@ def wait(pred, timeout, what):
 
 def names(node) -> dict[str, bool]:
     conn = libvirt.open(node.uri)
+    out = {}
     try:
-        return {d.name(): bool(d.isActive()) for d in conn.listAllDomains()}
+        for d in conn.listAllDomains():
+            try:
+                out[d.name()] = bool(d.isActive())
+            except libvirt.libvirtError:
+                continue  # undefined between the listing and the question
+        return out
     finally:
         conn.close()
 
