@@ -77,6 +77,28 @@ class Domain:
     uid: str
     persistent: bool
     xml: str
+    disks: tuple[str, ...] = ()   # target devs (vda, ...) of the live definition
+    nics: tuple[str, ...] = ()    # tap devices of its interfaces
+
+
+def _devices(xml: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return (), ()
+    disks = tuple(t.get("dev", "") for t in root.iterfind("devices/disk/target"))
+    nics = tuple(t.get("dev", "") for t in root.iterfind("devices/interface/target"))
+    return disks, nics
+
+
+def device_xml(xml: str, kind: str, dev: str) -> str | None:
+    """The ``<disk>`` (kind "disk") or ``<interface>`` whose target is ``dev``."""
+    root = ET.fromstring(xml)
+    for el in root.iterfind(f"devices/{kind}"):
+        t = el.find("target")
+        if t is not None and t.get("dev") == dev:
+            return ET.tostring(el, encoding="unicode")
+    return None
 
 
 def _meta(xml: str) -> dict[str, str]:
@@ -196,8 +218,10 @@ class Hypervisor:
             raise HypervisorError(f"lookup of {vm}: {exc.get_error_message()}") from None
 
     def _snapshot(self, dom) -> Domain | None:
-        xml = dom.XMLDesc(0)
-        meta = _meta(xml)
+        xml = dom.XMLDesc(0)  # the live definition (devices as they are now)
+        # the generation a definition was built from is in the persistent
+        # config: a define updates that one, not the running one's metadata
+        meta = _meta(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if dom.isPersistent() else xml)
         if meta.get("node") != self.node:
             return None
         state, _reason = dom.state()
@@ -208,10 +232,11 @@ class Hypervisor:
                                    else libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         except libvirt.libvirtError:
             vcpus = info[3]
+        disks, nics = _devices(xml)
         return Domain(
             vm=dom.name()[len(PREFIX):], state=st, vcpus=vcpus, memory_mib=info[2] // 1024,
             generation=int(meta.get("generation", "0") or 0), uid=meta.get("uid", ""),
-            persistent=bool(dom.isPersistent()), xml=xml,
+            persistent=bool(dom.isPersistent()), xml=xml, disks=disks, nics=nics,
         )
 
     def domain(self, vm: str) -> Domain | None:
@@ -289,13 +314,17 @@ class Hypervisor:
         self._call(f"set memory of {vm}", self._dom(vm).setMemoryFlags, mib * 1024,
                    libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
-    def attach(self, vm: str, device_xml: str, live: bool) -> None:
-        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
-        self._call(f"attach device to {vm}", self._dom(vm).attachDeviceFlags, device_xml, flags)
+    def attach_live(self, vm: str, device_xml: str) -> None:
+        """Hot-plug a device into the running domain (the persistent
+        definition already has it: it was redefined from the spec)."""
+        self._call(f"attach device to {vm}", self._dom(vm).attachDeviceFlags, device_xml,
+                   libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
-    def detach(self, vm: str, device_xml: str, live: bool) -> None:
-        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
-        self._call(f"detach device from {vm}", self._dom(vm).detachDeviceFlags, device_xml, flags)
+    def detach_live(self, vm: str, device_xml: str) -> None:
+        """Hot-unplug a device from the running domain (the guest is asked;
+        libvirt waits for it)."""
+        self._call(f"detach device from {vm}", self._dom(vm).detachDeviceFlags, device_xml,
+                   libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
     def migrate(self, vm: str, dest_uri: str, dest_xml: str,
                 on_progress: Callable[[dict], None] = lambda stats: None,

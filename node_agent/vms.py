@@ -21,7 +21,7 @@ from braid.reconcile import Result
 from braid.store import AlreadyExists, Conflict, Guard, NotFound, Store
 from braid.v1 import compute_pb2, node_pb2
 from node_agent import domain_xml
-from node_agent.hypervisor import Domain, Hypervisor, HypervisorError
+from node_agent.hypervisor import Domain, Hypervisor, HypervisorError, device_xml
 
 log = logging.getLogger("braid.node_agent.vms")
 
@@ -36,8 +36,10 @@ class StatusRace(Exception):
 @dataclass(frozen=True)
 class Action:
     op: str            # define | start | start_paused | shutdown | destroy | undefine
-                       # | suspend | resume | set_vcpus | set_memory
+                       # | suspend | resume | set_vcpus | set_memory | migrate
+                       # | attach_disk | detach_disk | attach_nic | detach_nic
     arg: int = 0
+    ref: str = ""      # the device (disk target dev, NIC tap) of attach/detach
 
 
 @dataclass
@@ -118,6 +120,13 @@ def plan(vm: compute_pb2.VM | None, node: str, dom: Domain | None,
 
 def _live_changes(vm: compute_pb2.VM, dom: Domain) -> list[Action]:
     out = []
+    want_disks = [d.name for d in vm.spec.disks]
+    out += [Action("detach_disk", ref=d) for d in dom.disks if d not in want_disks]
+    out += [Action("attach_disk", ref=d) for d in want_disks if d not in dom.disks]
+    want_nics = [domain_xml.tap_name(vm.metadata.name, n.name or f"eth{i}")
+                 for i, n in enumerate(vm.spec.nics)]
+    out += [Action("detach_nic", ref=t) for t in dom.nics if t not in want_nics]
+    out += [Action("attach_nic", ref=t) for t in want_nics if t not in dom.nics]
     if dom.vcpus != vm.spec.vcpus:
         out.append(Action("set_vcpus", vm.spec.vcpus))
     if abs(dom.memory_mib - vm.spec.memory_mib) > 1:
@@ -217,6 +226,14 @@ class VMReconciler:
             hv.undefine(name)
         elif act.op == "migrate":
             self._migrate(name, vm)
+        elif act.op in ("attach_disk", "attach_nic"):
+            hv.attach_live(name, self._device_from_spec(vm, act))
+        elif act.op in ("detach_disk", "detach_nic"):
+            dom = hv.domain(name)
+            kind = "disk" if act.op == "detach_disk" else "interface"
+            xml = device_xml(dom.xml, kind, act.ref) if dom is not None else None
+            if xml is not None:
+                hv.detach_live(name, xml)
         elif act.op == "suspend":
             hv.suspend(name)
         elif act.op == "resume":
@@ -227,6 +244,18 @@ class VMReconciler:
             hv.set_memory(name, act.arg)
         else:
             raise ValueError(f"unknown action {act.op}")
+
+    def _device_from_spec(self, vm, act: Action) -> str:
+        if act.op == "attach_disk":
+            disk = next(d for d in vm.spec.disks if d.name == act.ref)
+            return domain_xml.disk_xml(disk, self.ctx)
+        for i, nic in enumerate(vm.spec.nics):
+            n = compute_pb2.VMNic()
+            n.CopyFrom(nic)
+            n.name = n.name or f"eth{i}"
+            if domain_xml.tap_name(vm.metadata.name, n.name) == act.ref:
+                return domain_xml.nic_xml(n, self.ctx, vm.metadata.name)
+        raise ValueError(f"no NIC of {vm.metadata.name} has tap {act.ref}")
 
     # -- live migration ------------------------------------------------------------
 

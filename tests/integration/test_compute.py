@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import libvirt
@@ -61,6 +62,12 @@ def domains(prefix="braid-"):
         conn.close()
 
 
+def live_disks(domain: str) -> list[str]:
+    out = subprocess.run(["virsh", "-c", "qemu:///system", "domblklist", domain],
+                         capture_output=True, text=True)
+    return [line.split()[0] for line in out.stdout.splitlines()[2:] if line.strip()]
+
+
 def console(c: Client, name: str) -> str:
     path = c.get("vm", name).status.console_path
     try:
@@ -91,44 +98,66 @@ def tiny(name: str, guest) -> compute_pb2.VM:
     return vm
 
 
+E2E = f"e2e-{uuid.uuid4().hex[:6]}"  # unique: a leftover of an aborted run cannot collide
+DOM = f"braid-{E2E}"
+
+
 def test_vm_lifecycle_through_the_whole_stack(cluster, tmp_path):
     lc, c, data, guest = cluster
     manifest = tmp_path / "vm.yaml"
-    vm = tiny("e2e", guest)
     manifest.write_text(
-        (ROOT / "examples" / "tiny-vm.yaml").read_text().replace("name: tiny", "name: e2e"))
+        (ROOT / "examples" / "tiny-vm.yaml").read_text().replace("name: tiny", f"name: {E2E}"))
     t0 = time.monotonic()
     braid(data, "apply", "-f", str(manifest))
-    wait(lambda: devguest.READY_LINE in console(c, "e2e"), 60, "the guest's ready marker")
+    wait(lambda: devguest.READY_LINE in console(c, E2E), 60, "the guest's ready marker")
     boot = time.monotonic() - t0
     print(f"apply -> guest ready: {boot:.1f}s")
-    got = c.get("vm", "e2e")
+    got = c.get("vm", E2E)
     assert got.status.phase == "Running" and got.status.node == "node1"
     assert got.status.power_state == compute_pb2.RUNNING
-    assert domains("braid-e2e") == {"braid-e2e": True}
-    logs = braid(data, "vm", "logs", "e2e").stdout
+    assert domains(DOM) == {DOM: True}
+    logs = braid(data, "vm", "logs", E2E).stdout
     assert devguest.READY_LINE in logs and "braid-guest: cpus 1" in logs
 
     # hot add: the guest onlines the new vCPU and says so
-    vm = c.get("vm", "e2e")
+    vm = c.get("vm", E2E)
     vm.spec.vcpus = 2
     vm.ClearField("status")
     c.update(vm)
-    wait(lambda: "braid-guest: cpus 2" in console(c, "e2e"), 60, "the guest to see 2 vCPUs")
+    wait(lambda: "braid-guest: cpus 2" in console(c, E2E), 60, "the guest to see 2 vCPUs")
+
+    # hot-plug a disk, then unplug it again (the live definition follows the spec)
+    scratch = Path("/var/lib/braid/scratch")  # QEMU (user libvirt-qemu) must reach it
+    scratch.mkdir(parents=True, exist_ok=True)
+    scratch.chmod(0o755)
+    disk = scratch / f"{E2E}.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), "16M"], check=True)
+    vm = c.get("vm", E2E)
+    vm.spec.disks.add(name="vdb", path=str(disk))
+    vm.ClearField("status")
+    c.update(vm)
+    wait(lambda: "vdb" in live_disks(DOM), 30, "vdb in the running domain")
+    vm = c.get("vm", E2E)
+    del vm.spec.disks[:]
+    vm.ClearField("status")
+    c.update(vm)
+    wait(lambda: "vdb" not in live_disks(DOM), 60, "vdb unplugged")
+    assert c.get("vm", E2E).status.phase == "Running"
+    disk.unlink()
 
     # ACPI stop (the guest's acpid powers it off), start, pause, resume
-    braid(data, "vm", "stop", "e2e", "--wait", "60")
-    assert domains("braid-e2e") == {"braid-e2e": False}
-    assert "braid-guest: power button" in console(c, "e2e")
-    braid(data, "vm", "start", "e2e", "--wait", "60")
-    braid(data, "vm", "pause", "e2e", "--wait", "30")
-    assert c.get("vm", "e2e").status.power_state == compute_pb2.PAUSED
-    braid(data, "vm", "resume", "e2e", "--wait", "30")
+    braid(data, "vm", "stop", E2E, "--wait", "60")
+    assert domains(DOM) == {DOM: False}
+    assert "braid-guest: power button" in console(c, E2E)
+    braid(data, "vm", "start", E2E, "--wait", "60")
+    braid(data, "vm", "pause", E2E, "--wait", "30")
+    assert c.get("vm", E2E).status.power_state == compute_pb2.PAUSED
+    braid(data, "vm", "resume", E2E, "--wait", "30")
 
-    braid(data, "delete", "vm", "e2e")
-    wait(lambda: "braid-e2e" not in domains(), 30, "the domain to be undefined")
+    braid(data, "delete", "vm", E2E)
+    wait(lambda: DOM not in domains(), 30, "the domain to be undefined")
     assert not any(p for p in os.listdir("/proc") if p.isdigit()
-                   and "guest=braid-e2e" in _cmdline(p)), "a QEMU of the VM is left"
+                   and f"guest={DOM}" in _cmdline(p)), "a QEMU of the VM is left"
 
 
 def _cmdline(pid: str) -> str:

@@ -16,7 +16,7 @@ def _net(name, vni=0):
                                spec=network_pb2.NetworkSpec(vni=vni))
 
 
-def _wait_status(api, name, pred, timeout=10):
+def _wait_status(api, name, pred, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         net = api.get("network", name)
@@ -38,7 +38,7 @@ def test_vnis_allocated_unique_and_released(api, raw_store):
     assert "already used by network 'n0'" in st.message
     # deleting a network frees its VNI for the next one
     api.delete("network", "n0")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline and raw_store.get(f"ipam/vni/{vnis[0]}") is not None and \
             raw_store.get(f"ipam/vni/{vnis[0]}").value == b"n0":
         time.sleep(0.05)

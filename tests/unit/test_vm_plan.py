@@ -113,3 +113,19 @@ def test_incoming_migration_is_left_to_libvirt():
         assert p.actions == [] and p.phase == "Migrating" and p.hands_off
     v.status.migration.phase = "Completed"
     assert plan(v, NODE, dom(), None, 0, 30, held_by="n2").actions == []
+
+
+def test_disks_and_nics_are_hot_plugged_to_match_the_spec():
+    v = vm(generation=2)
+    v.spec.disks.add(name="vda", path="/d/a.img")
+    v.spec.disks.add(name="vdb", path="/d/b.img")
+    v.spec.nics.add(name="eth0", bridge="br0")
+    d = Domain(vm="v", state="running", vcpus=1, memory_mib=128, generation=1, uid="",
+               persistent=True, xml="", disks=("vda", "vdc"), nics=())
+    p = plan(v, NODE, d, None, 0, 30)
+    assert [(a.op, a.ref) for a in p.actions] == [
+        ("define", ""), ("detach_disk", "vdc"), ("attach_disk", "vdb"), ("attach_nic", "bt-v_eth0")]
+    # a stopped domain only gets the new definition
+    stopped = Domain(vm="v", state="shutoff", vcpus=1, memory_mib=128, generation=1, uid="",
+                     persistent=True, xml="", disks=("vda",), nics=())
+    assert ops(plan(v, NODE, stopped, None, 0, 30)) == ["define", "start"]
