@@ -12,17 +12,18 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import threading
 
 from braid import hostinfo
 from braid.kinds import to_json
 from braid.nodedaemon import NODE_OPTIONS, node_daemon_body, node_name
 from braid.reconcile import Controller
 from braid.service import ConfigError, Option, run_main
-from braid.store import Informer
+from braid.store import Informer, StoreError
 from braid.v1 import node_pb2
 from node_agent import domain_xml
 from node_agent.console import console_handler
-from node_agent.hypervisor import Hypervisor
+from node_agent.hypervisor import Hypervisor, HypervisorError
 from node_agent.vms import VMReconciler
 
 log = logging.getLogger("braid.node_agent")
@@ -119,8 +120,14 @@ class Agent:
         informer.start()
         log.info("node %s registered: %d cpus, %d MiB, hypervisor %s", self.node,
                  status.capacity.cpus, status.capacity.memory_bytes >> 20, kind)
+        stopping = threading.Event()
+        usage = threading.Thread(target=self._report_usage, args=(store, status, stopping),
+                                 name="usage", daemon=True)
+        usage.start()
 
         def stop():
+            stopping.set()
+            usage.join(timeout=5)
             informer.stop()
             self.controller.stop()
             hv.close()
@@ -137,6 +144,24 @@ class Agent:
         # clusters, or several nodes of one, may share a libvirtd)
         self.owner = f"{self.node}@{store.cluster_id()}"
         return {"owner": self.owner, "migration_uri": d.cfg["migration_uri"]}
+
+    def _report_usage(self, store, status, stopping, interval: float = 5.0) -> None:
+        """Keep the node's ``allocated`` current: vCPUs and memory of the
+        domains running here, as libvirt reports them."""
+        while not stopping.wait(interval):
+            try:
+                running = [d for d in self.reconciler.hv.list_domains().values()
+                           if d.state in ("running", "paused")]
+            except HypervisorError:
+                continue
+            allocated = node_pb2.Resources(cpus=sum(d.vcpus for d in running),
+                                           memory_bytes=sum(d.memory_mib for d in running) << 20)
+            if allocated != status.allocated:
+                status.allocated.CopyFrom(allocated)
+                try:
+                    store.put(f"node/status/{self.node}", to_json(status))
+                except StoreError as exc:
+                    log.warning("reporting usage: %s", exc)
 
     def enqueue(self, vm: str) -> None:
         if self.controller is not None:

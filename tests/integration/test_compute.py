@@ -116,6 +116,8 @@ def test_vm_lifecycle_through_the_whole_stack(cluster, tmp_path):
     assert got.status.phase == "Running" and got.status.node == "node1"
     assert got.status.power_state == compute_pb2.RUNNING
     assert domains(DOM) == {DOM: True}
+    # the node reports what runs on it (refreshed every 5 s)
+    wait(lambda: c.get("node", "node1").status.allocated.cpus >= 1, 15, "node usage reported")
     logs = braid(data, "vm", "logs", E2E).stdout
     assert devguest.READY_LINE in logs and "braid-guest: cpus 1" in logs
 
