@@ -301,6 +301,9 @@ def run(ctx: SectionContext) -> list[Metric]:
         api = Client(ctrl.address)
         closers.append(api.close)
         common = {"etcd": "1 member, local", "controller": "1 process", "object": "VM"}
+        # the VM manifest refers to volume vol1 and network net1: they must exist
+        for dep in ("volume", "network"):
+            api.create(load(str(ROOT / "examples" / f"{dep}.yaml"))[0].obj)
 
         # warm up both paths (first RPCs open connections, import lazily, ...)
         for vm in _vms(template, "warm", 5):
