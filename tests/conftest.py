@@ -136,3 +136,16 @@ def running_controller(etcd, tmp: Path, name: str):
         proc.stop()
         store.delete_prefix("")
         store.close()
+
+
+def wait(pred, timeout: float, what: str, interval: float = 0.2):
+    """Poll ``pred`` until it returns something truthy (returned), or fail
+    saying what did not happen in time."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -21,6 +21,7 @@ from braid.client import ApiCallError, Client
 from braid.libvirtd import ensure_libvirtd, system_libvirtd_pid
 from braid.localcluster import LocalCluster
 from braid.v1 import compute_pb2
+from tests.conftest import wait
 
 pytestmark = pytest.mark.integration
 
@@ -35,16 +36,6 @@ def braid(data_dir, *args, check=True, timeout=120):
     if check and out.returncode != 0:
         raise AssertionError(f"braid {' '.join(args)} -> {out.returncode}\n{out.stdout}\n{out.stderr}")
     return out
-
-
-def wait(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def domains(prefix="braid-"):

@@ -14,20 +14,10 @@ from braid import devguest
 from braid.cli import vm as vm_cli
 from braid.cli.manifests import load
 from braid.client import ApiCallError
-from tests.conftest import ROOT, DaemonProc
+from tests.conftest import ROOT, DaemonProc, wait
 from tests.integration.libvirt_pair import CONSOLE_DIR, libvirt_pair  # noqa: F401
 
 pytestmark = pytest.mark.integration
-
-
-def wait(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def names(node) -> dict[str, bool]:
