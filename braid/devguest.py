@@ -86,6 +86,12 @@ cpus() {  # count the CPUs in a range list such as 0-1,3
   IFS=$old; echo $n
 }
 mem() { awk '/^MemTotal:/ { print int($2 / 1024) }' /proc/meminfo; }
+for arg in $(cat /proc/cmdline); do  # braid.fill=N: keep N MiB of random data in RAM
+  case "$arg" in braid.fill=*)   # (gives a live migration something to copy)
+    n=${arg#braid.fill=}; case "$n" in ''|*[!0-9]*) n=0;; esac
+    dd if=/dev/urandom of=/root/fill bs=1M count="$n" 2>/dev/null && say "filled $n MiB";;
+  esac
+done
 c=$(cpus); m=$(mem)
 say "cpus $c"; say "mem $m"
 say ready

@@ -314,7 +314,12 @@ def test_live_migration_with_nbd_volume(libvirt_pair, guest, shared_dir, nbd_exp
 def test_cancel_migration(libvirt_pair, guest):  # noqa: F811
     a, b = libvirt_pair
     conn_a, conn_b = a.connect(), b.connect()
-    dom = start_on(a, conn_a, tiny_vm(guest, "migcancel"))
+    vm = tiny_vm(guest, "migcancel")
+    # 32 MiB of random data in guest RAM: at 1 MiB/s the copy takes >30 s, so the
+    # abort below always lands mid-migration (zero pages alone go in about a second)
+    vm.spec.boot.cmdline += " braid.fill=32"
+    dom = start_on(a, conn_a, vm)
+    assert "braid-guest: filled 32 MiB" in console(a, "migcancel")
     result: dict = {}
 
     def run() -> None:
