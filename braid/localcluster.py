@@ -142,9 +142,12 @@ class LocalCluster:
             self._spawn(state, "scheduler", common)
             for node in state["nodes"]:
                 for daemon in NODE_DAEMONS:
-                    extra = (["--libvirt-uri", libvirt_uri,
-                              "--console-dir", str(self.data_dir / "console")]
-                             if daemon == "node-agent" else [])
+                    extra = []
+                    if daemon == "node-agent":
+                        extra = ["--libvirt-uri", libvirt_uri, "--console-dir", str(self.data_dir / "console")]
+                    elif daemon == "storaged":  # one directory "disk" per node; ports chosen by the kernel
+                        extra = ["--disks", f"d1={self.data_dir / 'disks' / node / 'd1'}",
+                                 "--peer-listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0"]
                     self._spawn(state, daemon, common + ["--node", node] + extra, node=node)
             self._save(state)
             progress(f"started {len(state['processes'])} processes; waiting for readiness")

@@ -166,8 +166,8 @@ def _volume(obj, errs: Errors) -> None:
     errs.range("spec.size_bytes", s.size_bytes, 1 << 20, MAX_VOLUME_BYTES)
     if s.size_bytes % 512:
         errs.add("spec.size_bytes", "must be a multiple of 512")
-    if s.replicas not in (0, 2, 3):
-        errs.add("spec.replicas", f"must be 2 or 3 (got {s.replicas})")
+    if s.replicas not in (0, 1, 2, 3):  # 1: unreplicated (scratch data, benchmarks)
+        errs.add("spec.replicas", f"must be 1, 2 or 3 (got {s.replicas})")
     if s.extent_size_bytes:
         errs.range("spec.extent_size_bytes", s.extent_size_bytes, MIN_EXTENT, MAX_EXTENT)
         if s.extent_size_bytes & (s.extent_size_bytes - 1):

@@ -61,7 +61,24 @@ def vm_problems(store: Store, vm: compute_pb2.VM, old: compute_pb2.VM | None) ->
     return out
 
 
-CHECKS = {"vm": vm_problems}
+def volume_problems(store: Store, vol: Message, old: Message | None) -> list[FieldError]:
+    """A volume grows but never shrinks (the guest's data would be cut off);
+    its replica count and extent size are fixed at creation (changing them
+    means moving data: rebuilds, a later storage issue)."""
+    if old is None:
+        return []
+    out = []
+    if vol.spec.size_bytes < old.spec.size_bytes:
+        out.append(FieldError("spec.size_bytes", f"a volume cannot shrink ({old.spec.size_bytes} -> "
+                                                 f"{vol.spec.size_bytes} bytes)"))
+    if vol.spec.replicas != old.spec.replicas:
+        out.append(FieldError("spec.replicas", "cannot be changed after creation"))
+    if vol.spec.extent_size_bytes != old.spec.extent_size_bytes:
+        out.append(FieldError("spec.extent_size_bytes", "cannot be changed after creation"))
+    return out
+
+
+CHECKS = {"vm": vm_problems, "volume": volume_problems}
 
 
 def problems(store: Store, kind: K.Kind, obj: Message, old: Message | None) -> list[FieldError]:

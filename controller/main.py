@@ -1,8 +1,8 @@
 """braid-controller: serves the braid.v1 API over gRPC.
 
 Replicas are stateless and may run side by side (every write is a CAS in
-etcd); cluster-level reconcilers inside the controller (volumes, HA,
-networks: later issues) run only on the replica that wins the
+etcd); cluster-level reconcilers inside the controller (network VNIs,
+volume placement; HA in a later issue) run only on the replica that wins the
 ``controller`` election.
 """
 
@@ -18,6 +18,7 @@ from braid.store import Election, Store
 from controller.api import cluster_handler, kind_handler
 from controller.networks import NetworkReconciler
 from controller.resources import Resources
+from controller.volumes import VolumeReconciler
 
 log = logging.getLogger("braid.controller")
 
@@ -39,12 +40,12 @@ def body(d: Daemon):
     d.start()
     store.revision()  # fail early (bounded retries) when etcd is unreachable
     candidate = cfg["id"] or f"{socket.gethostname()}-{os.getpid()}"
-    reconcilers: list[NetworkReconciler] = []
+    reconcilers: list[NetworkReconciler | VolumeReconciler] = []
 
     def elected(e: Election) -> None:
-        r = NetworkReconciler(store, e)
-        reconcilers.append(r)
-        r.start()
+        for r in (NetworkReconciler(store, e), VolumeReconciler(store, e)):
+            reconcilers.append(r)
+            r.start()
 
     def deposed(e: Election) -> None:
         while reconcilers:

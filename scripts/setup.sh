@@ -9,10 +9,12 @@ PYTHON=${PYTHON:-python3}
 # Debian packages: etcd (server + etcdctl) for the control plane; libvirt +
 # QEMU for VMs (libvirt-dev + pkg-config to build libvirt-python); Debian's
 # cloud kernel is fetched by `braid dev guest` (busybox-static, cpio for its
-# initramfs); iproute2 and procps for the tests.
+# initramfs); iproute2 and procps for the tests; fio (with its nbd engine),
+# libnbd-bin (nbdinfo, nbdcopy) and qemu-utils (qemu-img, qemu-nbd) are the
+# real NBD clients of the storage tests and benchmarks.
 APT_PACKAGES=(etcd-server etcd-client libvirt-daemon-system libvirt-daemon-driver-qemu
               libvirt-clients libvirt-dev pkg-config gcc qemu-system-x86 qemu-utils
-              busybox-static cpio iproute2 procps)
+              busybox-static cpio iproute2 procps fio libnbd-bin)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

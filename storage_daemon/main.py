@@ -1,17 +1,399 @@
-"""braid-storaged: owns the node's disks and (storage issue) serves replicated volumes over NBD.
+"""braid-storaged: owns the node's disks, stores extent replicas, serves
+volumes over NBD and replicates writes to the peer storage daemons.
 
-In this release it registers under its lease (node/live/<node>/storaged) and
-serves health, reflection and metrics; the data path arrives with its issue.
+Threads: the daemon frame (gRPC health/metrics, presence), etcd informers
+(extent map, volumes, live peers), a reporter (DiskPool status, per-replica
+allocation in ``storage/usage/<node>``, garbage collection of replicas no
+extent record names), and one asyncio loop (uvloop) for the data path: the
+replication server, the NBD TCP server and one NBD unix socket per volume
+(``<nbd_socket_dir>/<volume>.sock``, what QEMU on this node opens).
 """
 
 from __future__ import annotations
 
-from braid.nodedaemon import NODE_OPTIONS, node_daemon_body
-from braid.service import run_main
+import asyncio
+import datetime
+import grp
+import json
+import logging
+import os
+import threading
+import uuid
+from pathlib import Path
+
+from braid import extents as X
+from braid import kinds as K
+from braid.nodedaemon import NODE_OPTIONS, node_daemon_body, node_name
+from braid.service import ConfigError, Option, run_main
+from braid.store import AlreadyExists, Conflict, Informer, NotFound, StoreError
+from braid.v1 import node_pb2, storage_pb2
+from storage_daemon.datapath import ExtentView, StorageNode, VolumeEngine, VolumeInfo
+from storage_daemon.extent_store import DiskStore
+from storage_daemon.nbd import NbdServer
+
+log = logging.getLogger("braid.storaged")
+
+POOL = K.KINDS["diskpool"]
+VOLUME = K.KINDS["volume"]
+USAGE_PREFIX = "storage/usage/"
+
+OPTIONS = NODE_OPTIONS + [
+    Option("disks", "", "local disks: name=/dir[:capacity] comma-separated, e.g. "
+                        "'d1=/var/lib/braid/disks/d1:20G' (capacity: 0/empty = the filesystem's size)"),
+    Option("nbd_socket_dir", "", "directory of the volumes' NBD unix sockets "
+                                 "(default /run/braid/<node>/nbd)"),
+    Option("nbd_socket_group", "kvm", "group that may open the NBD sockets (QEMU runs in it)"),
+    Option("nbd_listen", "127.0.0.1:10809", "NBD TCP address host:port (loopback or the storage "
+                                            "network; '' disables)"),
+    Option("peer_listen", "127.0.0.1:7410", "replication server address host:port"),
+    Option("peer_timeout", 2.0, "seconds a replica may take to answer before it is dropped", float),
+    Option("report_interval", 5.0, "seconds between disk usage reports", float),
+]
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1] if t and t[-1] in _UNITS else ""
+    try:
+        value = int(t[:-1] if unit else t)
+    except ValueError:
+        raise ConfigError(f"bad size {text!r} (e.g. 512M, 20G)") from None
+    if value < 0:
+        raise ConfigError(f"bad size {text!r}")
+    return value * _UNITS[unit]
+
+
+def parse_disks(text: str) -> list[storage_pb2.PoolDisk]:
+    """``d1=/path[:20G],d2=/other`` -> PoolDisk list (config errors are clear)."""
+    out = []
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        name, sep, rest = item.partition("=")
+        if not sep or not name or not rest:
+            raise ConfigError(f"disk {item!r}: expected name=/dir[:capacity]")
+        path, _, cap = rest.partition(":")
+        if not path.startswith("/"):
+            raise ConfigError(f"disk {name}: {path!r} is not an absolute path")
+        if any(d.name == name for d in out):
+            raise ConfigError(f"disk {name} given twice")
+        out.append(storage_pb2.PoolDisk(name=name, path=path, capacity_bytes=parse_size(cap) if cap else 0))
+    return out
+
+
+def _hostport(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"{what} {text!r}: expected host:port")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class StorageDaemon:
+    def __init__(self):
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.sn: StorageNode | None = None
+        self.nbd: NbdServer | None = None
+        self.sockets: dict[str, tuple[str, asyncio.AbstractServer]] = {}  # volume -> (uid, server)
+        self.live: dict[str, node_pb2.DaemonStatus] = {}
+        self._stop = threading.Event()
+
+    # -- set-up (before presence: the bound addresses go into it) --------------------
+
+    def presence_info(self, d, store) -> dict:
+        cfg = d.cfg
+        self.node = node_name(cfg)
+        self.store = store
+        self.pool_disks = parse_disks(cfg["disks"])
+        self.disks = {}
+        for pd in self.pool_disks:
+            try:
+                self.disks[pd.name] = DiskStore(Path(pd.path), pd.name, pd.capacity_bytes)
+            except OSError as exc:
+                raise ConfigError(f"disk {pd.name} at {pd.path}: {exc}") from None
+        self.socket_dir = cfg["nbd_socket_dir"] or f"/run/braid/{self.node}/nbd"
+        os.makedirs(self.socket_dir, exist_ok=True)
+        os.chmod(self.socket_dir, 0o755)
+        try:
+            self.gid = grp.getgrnam(cfg["nbd_socket_group"]).gr_gid if cfg["nbd_socket_group"] else -1
+        except KeyError:
+            log.warning("group %s does not exist; NBD sockets stay root-only", cfg["nbd_socket_group"])
+            self.gid = -1
+        self.view = ExtentView()
+        self.sn = StorageNode(self.node, self.disks, self.view, self._peer_address, self._etcd_get,
+                              self._etcd_cas, peer_timeout=cfg["peer_timeout"])
+        self.nbd = NbdServer(self._lookup, self._names, log=logging.getLogger("braid.storaged.nbd"))
+        ready = threading.Event()
+        self._loop_thread = threading.Thread(target=self._run_loop, args=(ready,), name="datapath",
+                                             daemon=True)
+        self._loop_thread.start()
+        ready.wait()
+        info = {}
+        host, port = _hostport(cfg["peer_listen"], "peer_listen")
+        srv = self._call(asyncio.start_server(self.sn.handle_peer, host, port))
+        info["peer_address"] = f"{host}:{srv.sockets[0].getsockname()[1]}"
+        if cfg["nbd_listen"]:
+            host, port = _hostport(cfg["nbd_listen"], "nbd_listen")
+            srv = self._call(self.nbd.serve_tcp(host, port))
+            info["nbd_address"] = f"{host}:{srv.sockets[0].getsockname()[1]}"
+        info["nbd_socket_dir"] = self.socket_dir
+        log.info("data path up: peers on %s, NBD on %s and %s/<volume>.sock", info["peer_address"],
+                 info.get("nbd_address", "-"), self.socket_dir)
+        return info
+
+    def _run_loop(self, ready: threading.Event) -> None:
+        try:
+            import uvloop
+            loop = uvloop.new_event_loop()
+        except ImportError:  # uvloop is a dependency; this only guards odd platforms
+            loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self.loop = loop
+        loop.call_soon(ready.set)
+        loop.run_forever()
+
+    def _call(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    # -- etcd access for the data path (worker threads) ---------------------------
+
+    def _etcd_get(self, volume: str, index: int):
+        kv = self.store.get(X.extent_key(volume, index))
+        if kv is None:
+            return None, 0
+        try:
+            return X.ExtentRecord.from_json(kv.value), kv.mod_revision
+        except X.BadRecord as exc:
+            log.error("extent record %s is malformed: %s", kv.key, exc)
+            return None, 0
+
+    def _etcd_cas(self, old: X.ExtentRecord, new: X.ExtentRecord) -> bool:
+        kv = self.store.get(old.key)
+        if kv is None:
+            return False
+        try:
+            if X.ExtentRecord.from_json(kv.value) != old:
+                return False
+            self.store.update(old.key, new.to_json(), mod_revision=kv.mod_revision)
+            return True
+        except (X.BadRecord, Conflict, NotFound):
+            return False
+
+    def _peer_address(self, node: str) -> str | None:
+        info = self.live.get(node)
+        return info.peer_address if info else None
+
+    # -- NBD exports -------------------------------------------------------------
+
+    def _lookup(self, name: str):
+        return self.sn.engines.get(name) if self.sn else None
+
+    def _names(self) -> list[str]:
+        return sorted(self.sn.engines) if self.sn else []
+
+    async def _open_socket(self, name: str, uid: str) -> None:
+        cur = self.sockets.get(name)
+        if cur and cur[0] == uid:
+            return
+        if cur:
+            await self._close_socket(name)
+        path = os.path.join(self.socket_dir, f"{name}.sock")
+        server = NbdServer(lambda n, v=name: self.sn.engines.get(v) if n in ("", v) else None,
+                           lambda v=name: [v] if v in self.sn.engines else [],
+                           default_export=name, log=logging.getLogger("braid.storaged.nbd"))
+        srv = await server.serve_unix(path, mode=0o660,
+                                      group=self.cfg_group if self.gid >= 0 else None)
+        self.sockets[name] = (uid, srv)
+
+    async def _close_socket(self, name: str) -> None:
+        cur = self.sockets.pop(name, None)
+        if cur:
+            cur[1].close()
+            try:
+                os.unlink(os.path.join(self.socket_dir, f"{name}.sock"))
+            except FileNotFoundError:
+                pass
+
+    # -- informers (threads) -> loop ------------------------------------------------
+
+    def _on_extent(self, key: str, kv) -> None:
+        parsed = X.parse_key(key)
+        if parsed is None:
+            return
+        if kv is None:
+            self.loop.call_soon_threadsafe(self.view.delete, *parsed)
+            return
+        try:
+            rec = X.ExtentRecord.from_json(kv.value)
+        except X.BadRecord as exc:
+            log.error("ignoring malformed extent record %s: %s", key, exc)
+            return
+        self.loop.call_soon_threadsafe(self.view.put, rec, kv.mod_revision)
+
+    def _on_volume(self, key: str, kv) -> None:
+        if not key.startswith(VOLUME.spec_prefix):
+            return
+        name = key[len(VOLUME.spec_prefix):]
+        if kv is None:
+            self.loop.call_soon_threadsafe(self._volume_gone, name)
+            return
+        try:
+            vol = K.assemble(VOLUME, name, kv, None)
+        except K.CorruptObject as exc:
+            log.error("ignoring volume %s: %s", name, exc)
+            return
+        info = VolumeInfo(name, vol.metadata.uid, vol.spec.size_bytes,
+                          vol.spec.extent_size_bytes or X.DEFAULT_EXTENT_SIZE, vol.spec.replicas or 2)
+        asyncio.run_coroutine_threadsafe(self._volume_seen(info), self.loop)
+
+    async def _volume_seen(self, info: VolumeInfo) -> None:
+        eng = self.sn.engines.get(info.name)
+        if eng is not None and eng.info.uid == info.uid:
+            eng.info = info  # resize: new size visible to the next request
+        else:
+            self.sn.engines[info.name] = VolumeEngine(self.sn, info)
+        try:
+            await self._open_socket(info.name, info.uid)
+        except OSError as exc:
+            log.error("cannot open the NBD socket of volume %s: %s", info.name, exc)
+
+    def _volume_gone(self, name: str) -> None:
+        self.sn.engines.pop(name, None)
+        asyncio.ensure_future(self._close_socket(name))
+
+    def _on_live(self, key: str, kv) -> None:
+        parts = key.split("/")
+        if len(parts) != 4 or parts[3] != "storaged":
+            return
+        if kv is None:
+            self.live.pop(parts[2], None)
+            return
+        try:
+            self.live[parts[2]] = K.from_json(kv.value, node_pb2.DaemonStatus, key)
+        except K.CorruptObject as exc:
+            log.warning("ignoring %s", exc)
+
+    # -- hook: once registered --------------------------------------------------------
+
+    def hook(self, d, store, presence):
+        self.cfg_group = d.cfg["nbd_socket_group"]
+        self.interval = d.cfg["report_interval"]
+        self._ensure_pool()
+        self.informers = [Informer(store, "node/live/", self._on_live, name="storaged-live").start(),
+                          Informer(store, X.PREFIX, self._on_extent, name="storaged-extents").start()]
+        for inf in self.informers:
+            inf.synced.wait(30)
+        self.informers.append(Informer(store, "volume/spec/", self._on_volume,
+                                       name="storaged-volumes").start())
+        self._reporter = threading.Thread(target=self._report_loop, name="storaged-report", daemon=True)
+        self._reporter.start()
+        return self.stop
+
+    def _ensure_pool(self) -> None:
+        """The DiskPool named after this node: its spec is this daemon's
+        configuration (created or corrected at start-up)."""
+        spec = storage_pb2.DiskPoolSpec(node=self.node, disks=self.pool_disks)
+        for _ in range(5):
+            kv = self.store.get(POOL.spec_key(self.node))
+            if kv is None:
+                if not self.pool_disks:
+                    return
+                obj = storage_pb2.DiskPool(spec=spec)
+                obj.metadata.name = self.node
+                obj.metadata.generation = 1
+                obj.metadata.uid = str(uuid.uuid4())
+                obj.metadata.created_at = datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds")
+                try:
+                    self.store.create(POOL.spec_key(self.node), K.encode_spec(POOL, obj))
+                    return
+                except AlreadyExists:
+                    continue
+            try:
+                cur = K.assemble(POOL, self.node, kv, None)
+            except K.CorruptObject as exc:
+                log.error("disk pool %s: %s; not touching it", self.node, exc)
+                return
+            if cur.spec == spec:
+                return
+            cur.spec.CopyFrom(spec)
+            cur.metadata.generation += 1
+            try:
+                self.store.update(POOL.spec_key(self.node), K.encode_spec(POOL, cur), kv.mod_revision)
+                log.info("disk pool %s updated from this daemon's configuration", self.node)
+                return
+            except Conflict:
+                continue
+
+    def _report_loop(self) -> None:
+        last_status = last_usage = None
+        while not self._stop.wait(0 if last_status is None else self.interval):
+            try:
+                status = storage_pb2.DiskPoolStatus(phase="Ready")
+                usage = {}
+                for name, disk in self.disks.items():
+                    u = disk.usage()
+                    status.disks.add(name=name, capacity_bytes=u["capacity_bytes"], used_bytes=u["used_bytes"],
+                                     health="Healthy")
+                    for (uid, index), allocated in disk.replica_allocations().items():
+                        usage[f"{uid}/{index}"] = allocated
+                if self.disks and status != last_status:
+                    self.store.put(POOL.status_key(self.node), K.to_json(status))
+                    last_status = status
+                if usage != last_usage:
+                    self.store.put(USAGE_PREFIX + self.node, json.dumps(usage, sort_keys=True).encode())
+                    last_usage = usage
+                self._collect_garbage()
+            except StoreError as exc:
+                log.warning("report: %s", exc)
+            except Exception:
+                log.exception("report failed")
+
+    def _collect_garbage(self) -> None:
+        """Delete replicas of volumes that no extent record names any more
+        (the volume was deleted). Re-checked against a fresh etcd listing."""
+        known = set(self.view.by_uid())
+        orphans = [(disk, m) for disk in self.disks.values() for m in disk.replicas() if m.volume not in known]
+        if not orphans:
+            return
+        kvs, _ = self.store.list(X.PREFIX)
+        uids = set()
+        for kv in kvs:
+            try:
+                uids.add(X.ExtentRecord.from_json(kv.value).uid)
+            except X.BadRecord:
+                return  # cannot be sure what is referenced: keep everything
+        for disk, m in orphans:
+            if m.volume not in uids:
+                log.info("reclaiming replica %s/%d on disk %s (its volume is gone)", m.volume, m.index,
+                         disk.name)
+                self.loop.call_soon_threadsafe(self.sn.forget, m.volume, m.index)
+                disk.delete_replica(m.volume, m.index)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for inf in getattr(self, "informers", []):
+            inf.stop()
+        if self.loop is not None:
+            async def shutdown():
+                for name in list(self.sockets):
+                    await self._close_socket(name)
+                for eng in list(self.sn.engines.values()):
+                    await eng.flush()
+                for client in self.sn.peers.values():
+                    await client.close()
+            try:
+                self._call(shutdown(), timeout=10)
+            except Exception:
+                log.exception("data path shutdown")
+            for disk in self.disks.values():
+                disk.close()
+            self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 def main(argv=None) -> int:
-    return run_main("storaged", NODE_OPTIONS, node_daemon_body("storaged"), argv)
+    sd = StorageDaemon()
+    return run_main("storaged", OPTIONS, node_daemon_body(
+        "storaged", sd.hook, presence_info=sd.presence_info), argv)
 
 
 if __name__ == "__main__":

@@ -252,6 +252,74 @@ def cmd_vm_console(args) -> int:
     return 0
 
 
+# -- volume commands ---------------------------------------------------------------
+
+def parse_size(text: str) -> int:
+    """``20G``, ``512M``, ``1T``, ``1073741824`` -> bytes (powers of 1024)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        n = int(t[:-1] if mult > 1 else t)
+    except ValueError:
+        raise CliError(f"bad size {text!r} (examples: 512M, 20G, 1T)", 2) from None
+    return n * mult
+
+
+def cmd_volume_create(args) -> int:
+    from braid.v1 import storage_pb2
+    vol = storage_pb2.Volume()
+    vol.metadata.name = args.name
+    vol.spec.size_bytes = parse_size(args.size)
+    vol.spec.replicas = args.replicas
+    if args.extent_size:
+        vol.spec.extent_size_bytes = parse_size(args.extent_size)
+    with client(args) as c:
+        c.create(vol)
+        print(f"volume/{args.name} created ({args.size}, {args.replicas} replicas)", flush=True)
+        if args.wait:
+            _wait_volume(c, args.name, args.wait)
+    return 0
+
+
+def cmd_volume_resize(args) -> int:
+    with client(args) as c:
+        for attempt in range(10):
+            vol = c.get("volume", args.name)
+            vol.spec.size_bytes = parse_size(args.size)
+            vol.ClearField("status")
+            try:
+                c.update(vol)
+                break
+            except ApiCallError as exc:
+                if exc.code != grpc.StatusCode.ABORTED or attempt == 9:
+                    raise
+        print(f"volume/{args.name} resized to {args.size}", flush=True)
+        if args.wait:
+            _wait_volume(c, args.name, args.wait)
+    return 0
+
+
+def _wait_volume(c: Client, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        vol = c.get("volume", name)
+        st = vol.status
+        line = f"  {name}: {st.phase or 'Pending'} ({st.healthy_extents}/{st.extents} extents healthy)" + \
+            (f" - {st.message}" if st.message else "")
+        if line != last:
+            print(line, file=sys.stderr, flush=True)
+            last = line
+        if st.phase in ("Healthy", "Degraded") and st.observed_generation >= vol.metadata.generation:
+            for e in st.exports:
+                print(f"  {e.node}: {e.uri}")
+            return
+        if time.monotonic() > deadline:
+            raise ApiCallError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"volume {name} not placed after {timeout:.0f}s ({st.phase or 'Pending'})")
+        time.sleep(0.2)
+
+
 # -- cluster commands --------------------------------------------------------------
 
 def cmd_cluster_up(args) -> int:
@@ -444,6 +512,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
     sp.set_defaults(fn=cmd_vm_console)
     vmp.set_defaults(fn=lambda a: (vmp.print_help(), 2)[1])
+
+    vop = sub.add_parser("volume", help="create and resize replicated volumes")
+    vosub = vop.add_subparsers(dest="volume_command", metavar="ACTION")
+    sp = vosub.add_parser("create", help="create a volume (its extents are placed on the nodes' disks)")
+    sp.add_argument("name")
+    sp.add_argument("--size", required=True, help="size, e.g. 512M, 20G")
+    sp.add_argument("--replicas", type=int, default=2, choices=(1, 2, 3),
+                    help="copies of every extent on distinct nodes (default 2)")
+    sp.add_argument("--extent-size", help="extent size (default 64M; a power of two, 1M..1G)")
+    sp.add_argument("--wait", type=float, default=30, metavar="SECONDS",
+                    help="wait until placed and print the NBD URIs (0: return at once)")
+    sp.set_defaults(fn=cmd_volume_create)
+    sp = vosub.add_parser("resize", help="grow a volume (volumes never shrink)")
+    sp.add_argument("name")
+    sp.add_argument("--size", required=True, help="new size, e.g. 40G")
+    sp.add_argument("--wait", type=float, default=30, metavar="SECONDS",
+                    help="wait until the new extents are placed (0: return at once)")
+    sp.set_defaults(fn=cmd_volume_resize)
+    vop.set_defaults(fn=lambda a: (vop.print_help(), 2)[1])
 
     cl = sub.add_parser("cluster", help="run a local cluster on this machine")
     csub = cl.add_subparsers(dest="cluster_command", metavar="ACTION")

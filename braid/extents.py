@@ -1,0 +1,213 @@
+"""The extent map of replicated volumes: records, keys and the placement planner.
+
+A volume of ``size_bytes`` is cut into extents of ``extent_size_bytes``
+(default 64 MiB; the last one may be shorter). Each extent has one record in
+etcd::
+
+    extent/<volume>/<index:06d>  ->  {"volume": "vol1", "uid": "<volume uid>",
+                                      "index": 3, "size": 67108864,
+                                      "generation": 5,
+                                      "replicas": [{"node": "n1", "disk": "d1"}, ...],
+                                      "dropped": [{"node": "n3", "disk": "d1",
+                                                   "generation": 4, "reason": "..."}]}
+
+``generation`` goes up by one every time the replica set changes (a replica
+is dropped, later: added back after a rebuild). Every replication request
+carries the generation its sender believes in; a replica whose record has a
+newer generation refuses it (ESTALE), and a storage daemon that is not in
+``replicas`` any more refuses all I/O for that extent. Records are written
+only with compare-and-set on their mod_revision, so two writers can never
+both bump from the same generation. Replica files on disk are named by the
+volume's uid, so a volume re-created under an old name never sees old data.
+
+The controller writes records when it places a volume (and grows it); a
+storage daemon that serves a volume writes a record when a replica stops
+answering (drop + bump) before it acks the write that needed it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+PREFIX = "extent/"
+DEFAULT_EXTENT_SIZE = 64 << 20
+BLOCK = 4096
+
+
+class BadRecord(ValueError):
+    """An extent record in etcd that is not what Braid writes."""
+
+
+@dataclass(frozen=True)
+class Replica:
+    node: str
+    disk: str
+
+
+@dataclass(frozen=True)
+class Dropped:
+    node: str
+    disk: str
+    generation: int   # the generation the replica last belonged to
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ExtentRecord:
+    volume: str
+    uid: str
+    index: int
+    size: int
+    generation: int
+    replicas: tuple[Replica, ...]
+    dropped: tuple[Dropped, ...] = field(default=())
+
+    @property
+    def key(self) -> str:
+        return extent_key(self.volume, self.index)
+
+    def holds(self, node: str) -> Replica | None:
+        """This node's replica in the current set, if any."""
+        return next((r for r in self.replicas if r.node == node), None)
+
+    def without(self, lost: list[Replica], reason: str) -> "ExtentRecord":
+        """The next generation with ``lost`` moved from the set to ``dropped``."""
+        keep = tuple(r for r in self.replicas if r not in lost)
+        gone = tuple(Dropped(r.node, r.disk, self.generation, reason) for r in self.replicas if r in lost)
+        dropped = tuple(d for d in self.dropped if (d.node, d.disk) not in {(g.node, g.disk) for g in gone})
+        return ExtentRecord(self.volume, self.uid, self.index, self.size, self.generation + 1,
+                            keep, dropped + gone)
+
+    def to_json(self) -> bytes:
+        return json.dumps({
+            "volume": self.volume, "uid": self.uid, "index": self.index, "size": self.size,
+            "generation": self.generation,
+            "replicas": [{"node": r.node, "disk": r.disk} for r in self.replicas],
+            "dropped": [{"node": d.node, "disk": d.disk, "generation": d.generation, "reason": d.reason}
+                        for d in self.dropped],
+        }, separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "ExtentRecord":
+        """Parse and validate a record; BadRecord says what is wrong."""
+        try:
+            d = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRecord(f"not JSON: {exc}") from None
+        if not isinstance(d, dict):
+            raise BadRecord("not a JSON object")
+        try:
+            rec = cls(
+                volume=_str(d, "volume"), uid=_str(d, "uid"), index=_int(d, "index"),
+                size=_int(d, "size"), generation=_int(d, "generation"),
+                replicas=tuple(Replica(_str(r, "node"), _str(r, "disk")) for r in _list(d, "replicas")),
+                dropped=tuple(Dropped(_str(r, "node"), _str(r, "disk"), _int(r, "generation"),
+                                      str(r.get("reason", ""))) for r in _list(d, "dropped", True)),
+            )
+        except (TypeError, AttributeError) as exc:
+            raise BadRecord(str(exc)) from None
+        if rec.size <= 0 or rec.size % BLOCK or rec.index < 0 or rec.generation < 1:
+            raise BadRecord(f"bad size/index/generation ({rec.size}, {rec.index}, {rec.generation})")
+        if len({r.node for r in rec.replicas}) != len(rec.replicas):
+            raise BadRecord("two replicas on one node")
+        return rec
+
+
+def _str(d, key: str) -> str:
+    v = d[key] if isinstance(d, dict) and key in d else None
+    if not isinstance(v, str) or not v:
+        raise BadRecord(f"field {key!r} must be a non-empty string")
+    return v
+
+
+def _int(d, key: str) -> int:
+    v = d.get(key) if isinstance(d, dict) else None
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise BadRecord(f"field {key!r} must be an integer")
+    return v
+
+
+def _list(d, key: str, optional: bool = False) -> list:
+    v = d.get(key, [] if optional else None)
+    if not isinstance(v, list):
+        raise BadRecord(f"field {key!r} must be a list")
+    return v
+
+
+def extent_key(volume: str, index: int) -> str:
+    return f"{PREFIX}{volume}/{index:06d}"
+
+
+def volume_prefix(volume: str) -> str:
+    return f"{PREFIX}{volume}/"
+
+
+def parse_key(key: str) -> tuple[str, int] | None:
+    """``extent/<volume>/<index>`` -> (volume, index); None for other keys."""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] + "/" != PREFIX or not parts[2].isdigit():
+        return None
+    return parts[1], int(parts[2])
+
+
+def extent_count(size_bytes: int, extent_size: int) -> int:
+    return (size_bytes + extent_size - 1) // extent_size
+
+
+def extent_length(size_bytes: int, extent_size: int, index: int) -> int:
+    """Bytes of extent ``index`` that lie inside the volume (the last may be short)."""
+    return max(0, min(extent_size, size_bytes - index * extent_size))
+
+
+@dataclass
+class DiskCandidate:
+    """A disk the planner may put replicas on."""
+    node: str
+    disk: str
+    free_bytes: int
+    hot_spare: bool = False
+
+
+class PlacementError(Exception):
+    pass
+
+
+def place(indexes: list[int], replicas: int, extent_size: int, disks: list[DiskCandidate],
+          seed: str = "") -> dict[int, tuple[Replica, ...]]:
+    """Pure planner: choose ``replicas`` disks on distinct nodes for every
+    extent in ``indexes``, balancing by free space.
+
+    Each pick takes, per node, the disk with the most projected free space,
+    then the ``replicas`` nodes with the most; the chosen disks' projected
+    free space drops by ``extent_size`` (we plan for fully written extents,
+    although they are thin). Ties break on a hash of ``seed`` so volumes do
+    not all start on the same node. Hot spares are kept out (they are for
+    rebuilds). Raises PlacementError when fewer than ``replicas`` nodes have
+    room."""
+    if replicas < 1:
+        raise PlacementError("replicas must be at least 1")
+    pool = [DiskCandidate(d.node, d.disk, d.free_bytes) for d in disks if not d.hot_spare]
+    nodes = sorted({d.node for d in pool})
+    if len(nodes) < replicas:
+        raise PlacementError(f"{replicas} replicas need {replicas} nodes with disks; "
+                             f"{len(nodes)} available ({', '.join(nodes) or 'none'})")
+    rot = sum(seed.encode()) % max(1, len(nodes))
+    order = {n: (i - rot) % len(nodes) for i, n in enumerate(nodes)}
+    out: dict[int, tuple[Replica, ...]] = {}
+    for idx in indexes:
+        best_per_node: dict[str, DiskCandidate] = {}
+        for d in pool:
+            cur = best_per_node.get(d.node)
+            if cur is None or (d.free_bytes, d.disk) > (cur.free_bytes, cur.disk):
+                best_per_node[d.node] = d
+        ranked = sorted(best_per_node.values(),
+                        key=lambda d: (-d.free_bytes, (order[d.node] + idx) % len(nodes)))
+        chosen = [d for d in ranked if d.free_bytes >= extent_size][:replicas]
+        if len(chosen) < replicas:
+            raise PlacementError(f"not enough free space: extent {idx} needs {replicas} nodes with "
+                                 f"{extent_size >> 20} MiB free, {len(chosen)} have it")
+        for d in chosen:
+            d.free_bytes -= extent_size
+        out[idx] = tuple(Replica(d.node, d.disk) for d in chosen)
+    return out

@@ -1,0 +1,465 @@
+"""The storage daemon's data path: replica server and volume engines.
+
+One asyncio event loop (uvloop) runs everything here: the replication
+server that other storage daemons write to (``handle_peer``), and one
+``VolumeEngine`` per volume, which is what the NBD server calls. Local
+replica files are read and written synchronously on the loop (page cache
+writes take microseconds); fdatasync and etcd writes go to worker threads.
+
+Write path (``VolumeEngine.write``): split by extent; for each extent send
+the data to every replica of its current set at once (the local one
+directly, the others through ``PeerClient``); ack when all have it. A
+replica that errs or does not answer within ``peer_timeout`` is dropped
+from the set by a generation bump (CAS on the extent record) *before* the
+write is acked, so the survivors hold every acked write and the dropped
+replica is refused from then on. ESTALE from a peer means our map is old:
+re-read the record from etcd and send again (writes are idempotent).
+
+Read path: the local replica if this node is in the set, else (or on a
+checksum error) a peer's.
+
+Flush: fdatasync every local replica written since the last flush and ask
+every peer written to since then to do the same (SYNC), so a flush on any
+connection covers every write completed before it (multi-conn safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from braid import extents as X
+from storage_daemon import peer as P
+from storage_daemon.extent_store import ChecksumError, DiskStore, ReplicaFile
+from storage_daemon.nbd import NbdError
+
+log = logging.getLogger("braid.storaged.datapath")
+
+NBD_STATE_HOLE, NBD_STATE_ZERO = 1, 2
+
+
+class ExtentView:
+    """This daemon's copy of the extent map (fed by an etcd informer thread,
+    read on the loop). Generations only move forward per key, so a refresh
+    racing an older informer event never goes back."""
+
+    def __init__(self):
+        self.records: dict[tuple[str, int], X.ExtentRecord] = {}
+        self.mod_revisions: dict[tuple[str, int], int] = {}
+
+    def put(self, rec: X.ExtentRecord, mod_revision: int) -> X.ExtentRecord:
+        key = (rec.volume, rec.index)
+        old = self.records.get(key)
+        if old is None or old.uid != rec.uid or mod_revision >= self.mod_revisions.get(key, 0):
+            self.records[key] = rec
+            self.mod_revisions[key] = mod_revision
+            return rec
+        return old
+
+    def delete(self, volume: str, index: int) -> None:
+        self.records.pop((volume, index), None)
+        self.mod_revisions.pop((volume, index), None)
+
+    def get(self, volume: str, index: int) -> X.ExtentRecord | None:
+        return self.records.get((volume, index))
+
+    def by_uid(self) -> dict[str, list[X.ExtentRecord]]:
+        out: dict[str, list[X.ExtentRecord]] = {}
+        for rec in list(self.records.values()):
+            out.setdefault(rec.uid, []).append(rec)
+        return out
+
+
+@dataclass
+class VolumeInfo:
+    name: str
+    uid: str
+    size: int
+    extent_size: int
+    replicas: int
+
+
+@dataclass
+class Counters:
+    peer_requests: dict[str, int] = field(default_factory=dict)
+    peer_errors: int = 0
+    stale_refusals: int = 0
+    drops: int = 0
+    checksum_errors: int = 0
+
+
+class StorageNode:
+    """Everything of one storage daemon that the data path needs."""
+
+    def __init__(self, node: str, disks: dict[str, DiskStore], view: ExtentView,
+                 peer_addresses: Callable[[str], str | None],
+                 etcd_get: Callable[[str, int], tuple[X.ExtentRecord | None, int]],
+                 etcd_cas: Callable[[X.ExtentRecord, X.ExtentRecord], bool],
+                 peer_timeout: float = 2.0):
+        """``etcd_get(volume, index)`` -> (record or None, mod_revision) read
+        from etcd now; ``etcd_cas(old, new)`` writes ``new`` if the record is
+        still ``old`` (True) — both blocking, run in threads."""
+        self.node = node
+        self.disks = disks
+        self.view = view
+        self.peer_addresses = peer_addresses
+        self.etcd_get = etcd_get
+        self.etcd_cas = etcd_cas
+        self.peer_timeout = peer_timeout
+        self.peers: dict[str, P.PeerClient] = {}
+        self.volumes: dict[str, VolumeInfo] = {}
+        self.engines: dict[str, VolumeEngine] = {}
+        self.counters = Counters()
+        # replicas written through the replication server since their last sync, per volume uid
+        self._peer_dirty: dict[str, set[ReplicaFile]] = {}
+        self._open: dict[tuple[str, int], ReplicaFile] = {}  # fast path past DiskStore.get's locks
+
+    # -- shared helpers --------------------------------------------------------
+
+    async def refresh(self, volume: str, index: int) -> X.ExtentRecord | None:
+        rec, rev = await asyncio.to_thread(self.etcd_get, volume, index)
+        if rec is None:
+            self.view.delete(volume, index)
+            return None
+        return self.view.put(rec, rev)
+
+    async def replica(self, rec: X.ExtentRecord, create: bool) -> ReplicaFile | None:
+        """This node's replica file of ``rec`` (None: never written here and
+        not ``create``). The common case (open, same generation) stays on
+        the loop; creating a replica and persisting a new generation fsync,
+        so they run in a worker thread."""
+        mine = rec.holds(self.node)
+        if mine is None:
+            raise NbdError(errno.ESTALE, f"{self.node} is not in the replica set of {rec.key}")
+        disk = self.disks.get(mine.disk)
+        if disk is None:
+            raise OSError(errno.ENODEV, f"disk {mine.disk} of {rec.key} is not on this node")
+        rf = self._open.get((rec.uid, rec.index))
+        if rf is None or rf.closed:
+            rf = disk.get(rec.uid, rec.index)
+            if rf is None and create:
+                rf = await asyncio.to_thread(disk.open_replica, rec.uid, rec.index, rec.size,
+                                             rec.generation, True)
+            if rf is None:
+                return None
+            self._open[(rec.uid, rec.index)] = rf
+        if rf.meta.generation != rec.generation:
+            await asyncio.to_thread(disk.set_generation, rec.uid, rec.index, rec.generation)
+        return rf
+
+    def forget(self, uid: str, index: int) -> None:
+        self._open.pop((uid, index), None)
+
+    def peer(self, node: str) -> P.PeerClient:
+        addr = self.peer_addresses(node)
+        if not addr:
+            raise P.PeerUnavailable(f"storage daemon of node {node} is not live")
+        client = self.peers.get(node)
+        if client is None or client.address != addr:
+            client = self.peers[node] = P.PeerClient(node, addr, connect_timeout=self.peer_timeout)
+        return client
+
+    # -- replication server ------------------------------------------------------
+
+    async def handle_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one peer connection until it closes. A malformed frame ends
+        the connection; a failing request gets an error reply."""
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            import socket as _s
+            sock.setsockopt(_s.IPPROTO_TCP, _s.TCP_NODELAY, 1)
+        tasks: set[asyncio.Task] = set()
+        try:
+            while True:
+                try:
+                    head = await reader.readexactly(P.REQ.size)
+                except asyncio.IncompleteReadError:
+                    return
+                try:
+                    op, flags, nlen, req_id, gen, uid, index, length, offset = P.decode_request_head(head)
+                except (P.ProtocolError, ValueError) as exc:
+                    log.warning("peer connection: %s; closing it", exc)
+                    return
+                name = (await reader.readexactly(nlen)).decode(errors="replace")
+                payload = await reader.readexactly(length) if op == P.OP_WRITE and length else b""
+                t = asyncio.get_running_loop().create_task(
+                    self._serve(writer, op, flags, req_id, gen, name, uid, index, length, offset, payload))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+        except (OSError, asyncio.IncompleteReadError):
+            return
+        finally:
+            for t in list(tasks):
+                t.cancel()
+            writer.close()
+
+    def _reply(self, writer, req_id: int, status: int, gen: int, payload=b"") -> None:
+        if writer.is_closing():
+            return
+        head = P.REP.pack(P.REP_MAGIC, status, req_id, gen, len(payload))
+        if payload:
+            writer.writelines([head, payload])
+        else:
+            writer.write(head)
+
+    async def _serve(self, writer, op, flags, req_id, gen, name, uid, index, length, offset, payload):
+        c = self.counters.peer_requests
+        c[P.OPS[op]] = c.get(P.OPS[op], 0) + 1
+        try:
+            if op == P.OP_PING:
+                return self._reply(writer, req_id, 0, 0)
+            if op == P.OP_SYNC:
+                await self.sync_peer_writes(uid)
+                return self._reply(writer, req_id, 0, gen)
+            rec = self.view.get(name, index)
+            if rec is None or rec.uid != uid or rec.generation < gen:
+                rec = await self.refresh(name, index)
+            if rec is None or rec.uid != uid:
+                return self._reply(writer, req_id, errno.ENOENT, 0, f"no extent {name}/{index}".encode())
+            if gen != rec.generation or rec.holds(self.node) is None:
+                self.counters.stale_refusals += 1
+                why = (f"generation {gen} is stale (current {rec.generation})" if gen < rec.generation
+                       else f"generation {gen} unknown here (current {rec.generation})"
+                       if gen > rec.generation else f"{self.node} is not in the replica set")
+                return self._reply(writer, req_id, errno.ESTALE, rec.generation, why.encode())
+            if offset < 0 or offset + length > rec.size:
+                return self._reply(writer, req_id, errno.EINVAL, rec.generation, b"range outside the extent")
+            if op == P.OP_READ:
+                rf = await self.replica(rec, create=False)
+                data = rf.read(offset, length) if rf is not None else bytes(length)
+                return self._reply(writer, req_id, 0, rec.generation, data)
+            rf = await self.replica(rec, create=True)
+            if op == P.OP_WRITE:
+                rf.write(offset, memoryview(payload))
+            elif op == P.OP_ZERO:
+                rf.write_zeroes(offset, length, punch=bool(flags & P.F_PUNCH))
+            elif op == P.OP_TRIM:
+                rf.trim(offset, length)
+            if flags & P.F_FUA:
+                await asyncio.to_thread(rf.sync)
+            else:
+                self._peer_dirty.setdefault(uid, set()).add(rf)
+            self._reply(writer, req_id, 0, rec.generation)
+        except NbdError as exc:
+            self._reply(writer, req_id, exc.errno, gen, str(exc).encode())
+        except ChecksumError as exc:
+            self.counters.checksum_errors += 1
+            self._reply(writer, req_id, errno.EIO, gen, str(exc).encode())
+        except OSError as exc:
+            log.warning("peer request %s %s/%d failed: %s", P.OPS[op], name, index, exc)
+            self._reply(writer, req_id, exc.errno or errno.EIO, gen, str(exc).encode())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not take the connection (or the daemon) down
+            log.exception("peer request %s %s/%d crashed", P.OPS.get(op), name, index)
+            self._reply(writer, req_id, errno.EIO, gen, f"internal error: {exc}".encode())
+
+    async def sync_peer_writes(self, uid: str) -> None:
+        dirty = self._peer_dirty.pop(uid, set())
+        if dirty:
+            await asyncio.gather(*(asyncio.to_thread(rf.sync) for rf in dirty))
+
+
+class VolumeEngine:
+    """One volume as served by this node (the ``nbd.Export`` of its NBD
+    exports). Shared by all NBD connections to the volume on this node."""
+
+    def __init__(self, sn: StorageNode, info: VolumeInfo):
+        self.sn = sn
+        self.info = info
+        self.read_only = False
+        self._dirty_local: set[ReplicaFile] = set()
+        self._dirty_peers: set[str] = set()
+
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    @property
+    def description(self) -> str:
+        return f"Braid volume {self.info.name} ({self.info.replicas} replicas)"
+
+    def _pieces(self, offset: int, length: int):
+        es = self.info.extent_size
+        end = offset + length
+        while offset < end:
+            idx, off = divmod(offset, es)
+            n = min(es - off, end - offset)
+            yield idx, off, n
+            offset += n
+
+    def _record(self, index: int) -> X.ExtentRecord:
+        rec = self.sn.view.get(self.info.name, index)
+        if rec is None or rec.uid != self.info.uid:
+            raise NbdError(errno.EIO, f"extent {index} of volume {self.info.name} is not placed")
+        return rec
+
+    # -- writes ------------------------------------------------------------------
+
+    async def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        pos = 0
+        jobs = []
+        for idx, off, n in self._pieces(offset, len(data)):
+            jobs.append(self._mutate(idx, P.OP_WRITE, off, n, data[pos:pos + n], fua))
+            pos += n
+        await _all(jobs)
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
+        await _all([self._mutate(idx, P.OP_ZERO, off, n, None, fua, punch=may_trim)
+                    for idx, off, n in self._pieces(offset, length)])
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        await _all([self._mutate(idx, P.OP_TRIM, off, n, None, fua)
+                    for idx, off, n in self._pieces(offset, length)])
+
+    async def _mutate(self, index: int, op: int, off: int, n: int, data, fua: bool,
+                      punch: bool = False) -> None:
+        for _attempt in range(8):
+            rec = self._record(index)
+            if not rec.replicas:
+                raise NbdError(errno.EIO, f"extent {index} of {self.info.name} has no replica left")
+            results = await asyncio.gather(
+                *(self._mutate_one(rec, rep, op, off, n, data, fua, punch) for rep in rec.replicas),
+                return_exceptions=True)
+            stale = [r for r in results if isinstance(r, P.PeerError) and r.stale]
+            failed = [(rep, r) for rep, r in zip(rec.replicas, results)
+                      if isinstance(r, BaseException) and not (isinstance(r, P.PeerError) and r.stale)]
+            for r in results:
+                if isinstance(r, asyncio.CancelledError):
+                    raise r
+            if failed:  # the write stands on the survivors once the record no longer lists the rest
+                if await self._drop(rec, failed) and not stale:
+                    return
+                continue
+            if stale:
+                await self.sn.refresh(self.info.name, index)
+                continue
+            return
+        raise NbdError(errno.EIO, f"extent {index} of {self.info.name}: replica set keeps changing")
+
+    async def _mutate_one(self, rec: X.ExtentRecord, rep: X.Replica, op: int, off: int, n: int,
+                          data, fua: bool, punch: bool) -> None:
+        if rep.node == self.sn.node:
+            rf = await self.sn.replica(rec, create=True)
+            if op == P.OP_WRITE:
+                rf.write(off, data)
+            elif op == P.OP_ZERO:
+                rf.write_zeroes(off, n, punch=punch)
+            else:
+                rf.trim(off, n)
+            if fua:
+                await asyncio.to_thread(rf.sync)
+            else:
+                self._dirty_local.add(rf)
+            return
+        flags = (P.F_FUA if fua else 0) | (P.F_PUNCH if punch else 0)
+        client = self.sn.peer(rep.node)
+        await asyncio.wait_for(
+            client.call(op, self.info.name, self.info.uid, rec.index, rec.generation, off, n,
+                        data if data is not None else b"", flags),
+            self.sn.peer_timeout)
+        if not fua:
+            self._dirty_peers.add(rep.node)
+
+    async def _drop(self, rec: X.ExtentRecord, failed: list) -> bool:
+        """Remove the failed replicas from the extent's set (generation bump)
+        before anything that needed them is acked."""
+        lost = [rep for rep, _ in failed]
+        reason = "; ".join(f"{rep.node}: {_why(exc)}" for rep, exc in failed)
+        if len(lost) == len(rec.replicas):
+            raise NbdError(errno.EIO, f"extent {rec.index} of {self.info.name}: every replica failed "
+                                      f"({reason})")
+        new = rec.without(lost, reason)
+        ok = await asyncio.to_thread(self.sn.etcd_cas, rec, new)
+        await self.sn.refresh(self.info.name, rec.index)
+        if ok:
+            self.sn.counters.drops += 1
+            log.warning("volume %s extent %d: dropped %s, generation %d -> %d (%s)", self.info.name,
+                        rec.index, ", ".join(r.node for r in lost), rec.generation, new.generation, reason)
+        return ok
+
+    # -- reads -------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int):
+        pieces = list(self._pieces(offset, length))
+        if len(pieces) == 1:
+            return await self._read_extent(*pieces[0])
+        parts = await asyncio.gather(*(self._read_extent(*p) for p in pieces))
+        return b"".join(parts)
+
+    async def _read_extent(self, index: int, off: int, n: int):
+        last: Exception | None = None
+        for _attempt in range(4):
+            rec = self._record(index)
+            if rec.holds(self.sn.node) is not None:
+                try:
+                    rf = await self.sn.replica(rec, create=False)
+                    return rf.read(off, n) if rf is not None else bytes(n)
+                except ChecksumError as exc:
+                    self.sn.counters.checksum_errors += 1
+                    log.error("volume %s: %s; reading a peer's copy", self.info.name, exc)
+                    last = exc
+            stale = False
+            for rep in rec.replicas:
+                if rep.node == self.sn.node:
+                    continue
+                try:
+                    _, data = await asyncio.wait_for(
+                        self.sn.peer(rep.node).call(P.OP_READ, self.info.name, self.info.uid, index,
+                                                    rec.generation, off, n), self.sn.peer_timeout)
+                    return data
+                except P.PeerError as exc:
+                    last = exc
+                    stale = stale or exc.stale
+                except (P.PeerUnavailable, asyncio.TimeoutError, OSError) as exc:
+                    last = exc
+            if not stale:
+                break
+            await self.sn.refresh(self.info.name, index)
+        raise NbdError(errno.EIO, f"extent {index} of {self.info.name}: no replica could be read "
+                                  f"({_why(last)})")
+
+    # -- flush and allocation ----------------------------------------------------
+
+    async def flush(self) -> None:
+        local, self._dirty_local = self._dirty_local, set()
+        peers, self._dirty_peers = self._dirty_peers, set()
+        jobs = [asyncio.to_thread(rf.sync) for rf in local]
+        jobs += [self._sync_peer(node) for node in peers]
+        await _all(jobs)
+
+    async def _sync_peer(self, node: str) -> None:
+        try:
+            await asyncio.wait_for(self.sn.peer(node).call(P.OP_SYNC, self.info.name, self.info.uid,
+                                                           P.ALL_EXTENTS, 0), self.sn.peer_timeout)
+        except (P.PeerError, P.PeerUnavailable, asyncio.TimeoutError, OSError) as exc:
+            # its unsynced writes may be gone: it leaves every set of this volume it is in
+            for rec in [r for r in self.sn.view.by_uid().get(self.info.uid, []) if r.holds(node)]:
+                await self._drop(rec, [(rec.holds(node), exc)])
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        idx, off, n = next(self._pieces(offset, min(length, self.size - offset)))
+        rec = self._record(idx)
+        if rec.holds(self.sn.node) is None:
+            return [(n, 0)]  # no local copy to ask: report data (always correct)
+        rf = await self.sn.replica(rec, create=False)
+        if rf is None:
+            return [(n, NBD_STATE_HOLE | NBD_STATE_ZERO)]
+        return [(ln, 0 if alloc else NBD_STATE_HOLE | NBD_STATE_ZERO)
+                for _, ln, alloc in rf.allocation(off, n)]
+
+
+def _why(exc: BaseException | None) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
+
+
+async def _all(jobs: list) -> None:
+    if len(jobs) == 1:
+        await jobs[0]
+    elif jobs:
+        await asyncio.gather(*jobs)
