@@ -971,7 +971,7 @@ class DiskStore:
     def _create(self, path: Path, meta: ReplicaMeta) -> ReplicaFile:
         vol_dir = path.parent
         if not vol_dir.is_dir():
-            vol_dir.mkdir()
+            vol_dir.mkdir(exist_ok=True)  # two extents of a volume may be created at once
             _fsync_dir(self._replicas)
         h = ReplicaFile.create(path, meta, on_reopen=self._on_reopen)
         try:

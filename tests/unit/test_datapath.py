@@ -237,3 +237,26 @@ def test_garbage_frames_close_the_connection_and_the_server_lives_on(tmp_path):
         assert gen == 1 and data == bytes(4096)
         await cl.stop()
     run(go())
+
+
+def test_a_replica_that_accepts_but_never_answers_is_dropped_after_the_timeout(tmp_path):
+    async def go():
+        cl = await Cluster(tmp_path, timeout=0.3).start()
+        cl.place("v", 1, 2)   # extent 0 on n1 + n2
+
+        async def black_hole(reader, writer):   # a hung daemon: takes the bytes, says nothing
+            while await reader.read(1 << 16):
+                pass
+        hole = await asyncio.start_server(black_hole, "127.0.0.1", 0)
+        cl.addresses["n2"] = f"127.0.0.1:{hole.sockets[0].getsockname()[1]}"
+        e1 = cl.engine("n1", n_extents=1)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await e1.write(0, memoryview(b"g" * 4096), fua=False)
+        took = loop.time() - t0
+        assert 0.3 <= took < 3, took
+        rec = cl.etcd.recs[("v", 0)]
+        assert [r.node for r in rec.replicas] == ["n1"] and "no answer in time" in rec.dropped[0].reason
+        hole.close()
+        await cl.stop()
+    run(go())
