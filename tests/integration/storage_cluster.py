@@ -135,7 +135,7 @@ def fio_verify(uri: str, size: str = "64M", rw: str = "randwrite", bs: str = "4k
     """fio's nbd engine writing with crc32c verification; returns fio's JSON."""
     cmd = ["fio", "--name=braid", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
            f"--iodepth={iodepth}", f"--size={size}", "--verify=crc32c", "--verify_fatal=1",
-           "--do_verify=1", "--output-format=json", *extra]
+           "--do_verify=1", "--verify_state_save=0", "--output-format=json", *extra]
     p = run(cmd, timeout=timeout, check=False)
     assert p.returncode == 0, f"fio failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     assert "verify" not in p.stderr.lower() or "bad" not in p.stderr.lower(), p.stderr
