@@ -530,6 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--wait", type=float, default=30, metavar="SECONDS",
                     help="wait until the new extents are placed (0: return at once)")
     sp.set_defaults(fn=cmd_volume_resize)
+    sp = vosub.add_parser("describe", help="a volume in full: phase, extents, allocation, NBD URIs")
+    sp.add_argument("name")
+    outputs(sp, ("text", "json", "yaml"), "text")
+    sp.set_defaults(fn=cmd_describe, kind="volume")
     vop.set_defaults(fn=lambda a: (vop.print_help(), 2)[1])
 
     cl = sub.add_parser("cluster", help="run a local cluster on this machine")

@@ -250,3 +250,27 @@ def test_garbage_in_etcd_and_bad_peer_frames_do_not_kill_the_daemon(cl):
     # extents 0..2 still work
     p = run(["nbdinfo", "--json", node.unix_uri("vol-bad")])
     assert json.loads(p.stdout)["exports"][0]["export-size"] == 64 * MiB
+
+
+def test_cli_volume_create_describe_and_errors(cl):
+    import subprocess
+    import sys
+
+    def braid(*args):
+        return subprocess.run([sys.executable, "-m", "braid.cli.main", "--server", cl.ctl.proc.address,
+                               *args], capture_output=True, text=True, timeout=60)
+    p = braid("volume", "create", "vcli", "--size", "128M", "--replicas", "2", "--extent-size", "32M")
+    assert p.returncode == 0, p.stderr
+    assert "Healthy (4/4 extents healthy)" in p.stderr
+    assert f"nbd+unix:///vcli?socket={cl.nodes[0].socket_dir}/vcli.sock" in p.stdout
+    desc = json.loads(braid("volume", "describe", "vcli", "-o", "json").stdout)
+    assert desc["status"]["phase"] == "Healthy" and int(desc["spec"]["size_bytes"]) == 128 * MiB
+    assert len(desc["status"]["exports"]) == 6   # unix + tcp on 3 nodes
+    p = braid("volume", "resize", "vcli", "--size", "64M")
+    assert p.returncode == 4 and "cannot shrink" in p.stderr, p.stderr  # FAILED_PRECONDITION
+    p = braid("volume", "create", "vbig", "--size", "1G", "--replicas", "4")
+    assert p.returncode == 2 and "invalid choice" in p.stderr
+    p = braid("volume", "create", "vbad", "--size", "12Q")
+    assert p.returncode == 2 and "bad size" in p.stderr
+    p = braid("get", "volumes")
+    assert p.returncode == 0 and "vcli" in p.stdout and "Healthy" in p.stdout
