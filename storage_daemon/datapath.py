@@ -1,7 +1,7 @@
 """The storage daemon's data path: replica server and volume engines.
 
 One asyncio event loop (uvloop) runs everything here: the replication
-server that other storage daemons write to (``handle_peer``), and one
+server that other storage daemons write to (``serve_peers``, ``dispatch``), and one
 ``VolumeEngine`` per volume, which is what the NBD server calls. Local
 replica files are read and written synchronously on the loop (page cache
 writes take microseconds); fdatasync and etcd writes go to worker threads.
@@ -158,43 +158,55 @@ class StorageNode:
         if not addr:
             raise P.PeerUnavailable(f"storage daemon of node {node} is not live")
         client = self.peers.get(node)
-        if client is None or client.address != addr:
+        if client is None or client.address != addr:  # new, or the daemon came back elsewhere
+            if client is not None:
+                asyncio.ensure_future(client.close())
             client = self.peers[node] = P.PeerClient(node, addr, connect_timeout=self.peer_timeout)
         return client
 
     # -- replication server ------------------------------------------------------
 
-    async def handle_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one peer connection until it closes. A malformed frame ends
-        the connection; a failing request gets an error reply."""
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            import socket as _s
-            sock.setsockopt(_s.IPPROTO_TCP, _s.TCP_NODELAY, 1)
-        tasks: set[asyncio.Task] = set()
-        try:
-            while True:
-                try:
-                    head = await reader.readexactly(P.REQ.size)
-                except asyncio.IncompleteReadError:
-                    return
-                try:
-                    op, flags, nlen, req_id, gen, uid, index, length, offset = P.decode_request_head(head)
-                except (P.ProtocolError, ValueError) as exc:
-                    log.warning("peer connection: %s; closing it", exc)
-                    return
-                name = (await reader.readexactly(nlen)).decode(errors="replace")
-                payload = await reader.readexactly(length) if op == P.OP_WRITE and length else b""
-                t = asyncio.get_running_loop().create_task(
-                    self._serve(writer, op, flags, req_id, gen, name, uid, index, length, offset, payload))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-        except (OSError, asyncio.IncompleteReadError):
-            return
-        finally:
-            for t in list(tasks):
-                t.cancel()
-            writer.close()
+    async def serve_peers(self, host: str, port: int) -> asyncio.AbstractServer:
+        """Listen for peer connections (the replication server)."""
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(lambda: P.ServerProtocol(self.dispatch), host, port)
+
+    def replica_now(self, rec: X.ExtentRecord) -> ReplicaFile | None:
+        """The fast path of ``replica``: this node's open replica of ``rec``
+        at its generation, or None when that needs the slow path."""
+        rf = self._open.get((rec.uid, rec.index))
+        if rf is None or rf.closed or rf.meta.generation != rec.generation or rec.holds(self.node) is None:
+            return None
+        return rf
+
+    def dispatch(self, out: P.ServerProtocol, op, flags, req_id, gen, name, uid, index, length, offset,
+                 payload) -> None:
+        """One request from a peer. The common case (a plain READ or WRITE of
+        an open replica at the current generation) is served right here;
+        anything else (refresh from etcd, first write, FUA, SYNC, errors)
+        in a task of ``_serve``."""
+        if op in (P.OP_WRITE, P.OP_READ) and not flags & P.F_FUA:
+            rec = self.view.get(name, index)
+            if rec is not None and rec.uid == uid and rec.generation == gen and 0 <= offset \
+                    and offset + length <= rec.size:
+                rf = self.replica_now(rec)
+                if rf is not None:
+                    try:
+                        if op == P.OP_WRITE:
+                            rf.write(offset, memoryview(payload))
+                            self._peer_dirty.setdefault(uid, set()).add(rf)
+                            self._reply(out, req_id, 0, gen)
+                        else:
+                            self._reply(out, req_id, 0, gen, rf.read(offset, length))
+                        c = self.counters.peer_requests
+                        c[P.OPS[op]] = c.get(P.OPS[op], 0) + 1
+                        return
+                    except Exception:  # noqa: BLE001 - the slow path answers with the right error
+                        pass
+        t = asyncio.get_running_loop().create_task(
+            self._serve(out, op, flags, req_id, gen, name, uid, index, length, offset, payload))
+        out.tasks.add(t)
+        t.add_done_callback(out.tasks.discard)
 
     def _reply(self, writer, req_id: int, status: int, gen: int, payload=b"") -> None:
         if writer.is_closing():
@@ -317,19 +329,28 @@ class VolumeEngine:
 
     async def _mutate(self, index: int, op: int, off: int, n: int, data, fua: bool,
                       punch: bool = False) -> None:
+        """Apply one write/zero/trim to every replica of the extent's current
+        set; return when all have it (or the failed ones are dropped)."""
         for _attempt in range(8):
             rec = self._record(index)
             if not rec.replicas:
                 raise NbdError(errno.EIO, f"extent {index} of {self.info.name} has no replica left")
-            results = await asyncio.gather(
-                *(self._mutate_one(rec, rep, op, off, n, data, fua, punch) for rep in rec.replicas),
-                return_exceptions=True)
+            started = [(rep, self._start_one(rec, rep, op, off, n, data, fua, punch)) for rep in rec.replicas]
+            results: list = []
+            for _rep, f in started:  # all are in flight: wait for each
+                if f is None or isinstance(f, BaseException):
+                    results.append(f)
+                    continue
+                try:
+                    await f
+                    results.append(None)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every failure is judged below
+                    results.append(exc)
             stale = [r for r in results if isinstance(r, P.PeerError) and r.stale]
-            failed = [(rep, r) for rep, r in zip(rec.replicas, results)
+            failed = [(rep, r) for (rep, _), r in zip(started, results)
                       if isinstance(r, BaseException) and not (isinstance(r, P.PeerError) and r.stale)]
-            for r in results:
-                if isinstance(r, asyncio.CancelledError):
-                    raise r
             if failed:  # the write stands on the survivors once the record no longer lists the rest
                 if await self._drop(rec, failed) and not stale:
                     return
@@ -337,32 +358,44 @@ class VolumeEngine:
             if stale:
                 await self.sn.refresh(self.info.name, index)
                 continue
+            for rep, _ in started:
+                if rep.node != self.sn.node and not fua:
+                    self._dirty_peers.add(rep.node)
             return
         raise NbdError(errno.EIO, f"extent {index} of {self.info.name}: replica set keeps changing")
 
-    async def _mutate_one(self, rec: X.ExtentRecord, rep: X.Replica, op: int, off: int, n: int,
-                          data, fua: bool, punch: bool) -> None:
-        if rep.node == self.sn.node:
-            rf = await self.sn.replica(rec, create=True)
-            if op == P.OP_WRITE:
-                rf.write(off, data)
-            elif op == P.OP_ZERO:
-                rf.write_zeroes(off, n, punch=punch)
-            else:
-                rf.trim(off, n)
-            if fua:
-                await asyncio.to_thread(rf.sync)
-            else:
+    def _start_one(self, rec: X.ExtentRecord, rep: X.Replica, op: int, off: int, n: int, data, fua: bool,
+                   punch: bool):
+        """Start the operation on one replica: None when done already (the
+        local replica, inline), an awaitable while in flight, or the
+        exception that stopped it."""
+        try:
+            if rep.node == self.sn.node:
+                rf = None if fua else self.sn.replica_now(rec)
+                if rf is None:
+                    return asyncio.ensure_future(self._mutate_local(rec, op, off, n, data, fua, punch))
+                _apply(rf, op, off, n, data, punch)
                 self._dirty_local.add(rf)
-            return
-        flags = (P.F_FUA if fua else 0) | (P.F_PUNCH if punch else 0)
-        client = self.sn.peer(rep.node)
-        await asyncio.wait_for(
-            client.call(op, self.info.name, self.info.uid, rec.index, rec.generation, off, n,
-                        data if data is not None else b"", flags),
-            self.sn.peer_timeout)
-        if not fua:
-            self._dirty_peers.add(rep.node)
+                return None
+            flags = (P.F_FUA if fua else 0) | (P.F_PUNCH if punch else 0)
+            client = self.sn.peer(rep.node)
+            payload = data if data is not None else b""
+            if client.connected:
+                return client.submit(op, self.info.name, self.info.uid, rec.index, rec.generation, off, n,
+                                     payload, flags)
+            return asyncio.ensure_future(client.call(op, self.info.name, self.info.uid, rec.index,
+                                                     rec.generation, off, n, payload, flags))
+        except Exception as exc:  # noqa: BLE001 - judged by _mutate
+            return exc
+
+    async def _mutate_local(self, rec: X.ExtentRecord, op: int, off: int, n: int, data, fua: bool,
+                            punch: bool) -> None:
+        rf = await self.sn.replica(rec, create=True)
+        _apply(rf, op, off, n, data, punch)
+        if fua:
+            await asyncio.to_thread(rf.sync)
+        else:
+            self._dirty_local.add(rf)
 
     async def _drop(self, rec: X.ExtentRecord, failed: list) -> bool:
         """Remove the failed replicas from the extent's set (generation bump)
@@ -450,6 +483,15 @@ class VolumeEngine:
             return [(n, NBD_STATE_HOLE | NBD_STATE_ZERO)]
         return [(ln, 0 if alloc else NBD_STATE_HOLE | NBD_STATE_ZERO)
                 for _, ln, alloc in rf.allocation(off, n)]
+
+
+def _apply(rf: ReplicaFile, op: int, off: int, n: int, data, punch: bool) -> None:
+    if op == P.OP_WRITE:
+        rf.write(off, data)
+    elif op == P.OP_ZERO:
+        rf.write_zeroes(off, n, punch=punch)
+    else:
+        rf.trim(off, n)
 
 
 def _why(exc: BaseException | None) -> str:

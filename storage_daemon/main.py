@@ -129,7 +129,7 @@ class StorageDaemon:
         ready.wait()
         info = {}
         host, port = _hostport(cfg["peer_listen"], "peer_listen")
-        srv = self._call(asyncio.start_server(self.sn.handle_peer, host, port))
+        srv = self._call(self.sn.serve_peers(host, port))
         info["peer_address"] = f"{host}:{srv.sockets[0].getsockname()[1]}"
         if cfg["nbd_listen"]:
             host, port = _hostport(cfg["nbd_listen"], "nbd_listen")

@@ -244,7 +244,10 @@ def test_garbage_in_etcd_and_bad_peer_frames_do_not_kill_the_daemon(cl):
     with socket.create_connection((host, int(port))) as s:
         s.sendall(b"\xff" * 200)
         s.settimeout(5)
-        assert s.recv(100) == b""  # closed cleanly
+        try:  # the daemon hangs up: FIN, or RST since our garbage is left unread
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
     time.sleep(1.5)
     assert all(m.proc.proc.poll() is None for m in cl.nodes)
     # extents 0..2 still work

@@ -58,7 +58,7 @@ class Cluster:
             disk = DiskStore(self.tmp / name, "d1")
             sn = StorageNode(name, {"d1": disk}, view, self.addresses.get, self.etcd.get, self.etcd.cas,
                              peer_timeout=self.timeout)
-            srv = await asyncio.start_server(sn.handle_peer, "127.0.0.1", 0)
+            srv = await sn.serve_peers("127.0.0.1", 0)
             self.addresses[name] = f"127.0.0.1:{srv.sockets[0].getsockname()[1]}"
             self.nodes[name], self.servers[name] = sn, srv
         return self
