@@ -62,6 +62,7 @@ class ExtentRecord:
     generation: int
     replicas: tuple[Replica, ...]
     dropped: tuple[Dropped, ...] = field(default=())
+    fenced: tuple[str, ...] = field(default=())   # nodes that must not write (HA fencing)
 
     @property
     def key(self) -> str:
@@ -77,7 +78,18 @@ class ExtentRecord:
         gone = tuple(Dropped(r.node, r.disk, self.generation, reason) for r in self.replicas if r in lost)
         dropped = tuple(d for d in self.dropped if (d.node, d.disk) not in {(g.node, g.disk) for g in gone})
         return ExtentRecord(self.volume, self.uid, self.index, self.size, self.generation + 1,
-                            keep, dropped + gone)
+                            keep, dropped + gone, self.fenced)
+
+    def fence(self, node: str) -> "ExtentRecord":
+        """The next generation with ``node`` fenced: its storage daemon no
+        longer writes this extent for its VMs (in-flight writes it sends with
+        the old generation are refused by the replicas)."""
+        return ExtentRecord(self.volume, self.uid, self.index, self.size, self.generation + 1,
+                            self.replicas, self.dropped, tuple(sorted({*self.fenced, node})))
+
+    def unfence(self, node: str) -> "ExtentRecord":
+        return ExtentRecord(self.volume, self.uid, self.index, self.size, self.generation + 1,
+                            self.replicas, self.dropped, tuple(n for n in self.fenced if n != node))
 
     def to_json(self) -> bytes:
         return json.dumps({
@@ -86,6 +98,7 @@ class ExtentRecord:
             "replicas": [{"node": r.node, "disk": r.disk} for r in self.replicas],
             "dropped": [{"node": d.node, "disk": d.disk, "generation": d.generation, "reason": d.reason}
                         for d in self.dropped],
+            **({"fenced": list(self.fenced)} if self.fenced else {}),
         }, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
@@ -104,6 +117,7 @@ class ExtentRecord:
                 replicas=tuple(Replica(_str(r, "node"), _str(r, "disk")) for r in _list(d, "replicas")),
                 dropped=tuple(Dropped(_str(r, "node"), _str(r, "disk"), _int(r, "generation"),
                                       str(r.get("reason", ""))) for r in _list(d, "dropped", True)),
+                fenced=tuple(_names(d)),
             )
         except (TypeError, AttributeError) as exc:
             raise BadRecord(str(exc)) from None
@@ -118,6 +132,13 @@ def _str(d, key: str) -> str:
     v = d[key] if isinstance(d, dict) and key in d else None
     if not isinstance(v, str) or not v:
         raise BadRecord(f"field {key!r} must be a non-empty string")
+    return v
+
+
+def _names(d) -> list[str]:
+    v = d.get("fenced", [])
+    if not isinstance(v, list) or not all(isinstance(n, str) and n for n in v):
+        raise BadRecord("field 'fenced' must be a list of node names")
     return v
 
 

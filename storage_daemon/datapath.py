@@ -331,19 +331,28 @@ class VolumeEngine:
                       punch: bool = False) -> None:
         """Apply one write/zero/trim to every replica of the extent's current
         set; return when all have it (or the failed ones are dropped)."""
+        wrote_locally = False
         for _attempt in range(8):
             rec = self._record(index)
             if not rec.replicas:
                 raise NbdError(errno.EIO, f"extent {index} of {self.info.name} has no replica left")
+            if self.sn.node in rec.fenced:  # HA moved its VM away: this node must not write any more
+                mine = rec.holds(self.sn.node)
+                if wrote_locally and mine is not None:
+                    # our replica took a write the others refused: it must not be read again
+                    await self._drop(rec, [(mine, NbdError(errno.EPERM, "written after fencing"))])
+                raise NbdError(errno.EPERM, f"node {self.sn.node} is fenced from volume {self.info.name}")
             started = [(rep, self._start_one(rec, rep, op, off, n, data, fua, punch)) for rep in rec.replicas]
             results: list = []
-            for _rep, f in started:  # all are in flight: wait for each
+            for rep, f in started:  # all are in flight: wait for each
                 if f is None or isinstance(f, BaseException):
                     results.append(f)
+                    wrote_locally = wrote_locally or (f is None and rep.node == self.sn.node)
                     continue
                 try:
                     await f
                     results.append(None)
+                    wrote_locally = wrote_locally or rep.node == self.sn.node
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - every failure is judged below

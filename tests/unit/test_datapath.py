@@ -260,3 +260,29 @@ def test_a_replica_that_accepts_but_never_answers_is_dropped_after_the_timeout(t
         hole.close()
         await cl.stop()
     run(go())
+
+
+def test_a_fenced_node_neither_writes_nor_gets_through_its_peers(tmp_path):
+    async def go():
+        cl = await Cluster(tmp_path).start()
+        cl.place("v", 1, 2)   # extent 0 on n1 + n2
+        e1 = cl.engine("n1", n_extents=1)
+        await e1.write(0, memoryview(b"h" * 4096), fua=False)
+        old = cl.etcd.recs[("v", 0)]
+        fenced = old.fence("n1")     # HA: n1's VM runs elsewhere now
+        assert cl.etcd.cas(old, fenced) and fenced.generation == old.generation + 1
+        cl.nodes["n2"].view.put(fenced, cl.etcd.rev)   # the replicas know; n1's view is still old
+        with pytest.raises(NbdError) as exc:
+            await e1.write(0, memoryview(b"i" * 4096), fua=False)   # ESTALE -> refresh -> fenced
+        assert exc.value.errno == errno.EPERM and "fenced" in str(exc.value)
+        # n1 had already written its own replica: it took itself out of the set
+        rec = cl.etcd.recs[("v", 0)]
+        assert rec.holds("n1") is None and "written after fencing" in rec.dropped[0].reason
+        cl.sync_views()
+        assert bytes(await cl.engine("n2", n_extents=1).read(0, 4096)) == b"h" * 4096
+        assert bytes(await cl.engine("n3", n_extents=1).read(0, 4096)) == b"h" * 4096
+        # another node writes on (the VM's new home)
+        await cl.engine("n3", n_extents=1).write(0, memoryview(b"j" * 4096), fua=False)
+        assert bytes(await cl.engine("n2", n_extents=1).read(0, 4096)) == b"j" * 4096
+        await cl.stop()
+    run(go())
