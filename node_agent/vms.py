@@ -67,7 +67,10 @@ def plan(vm: compute_pb2.VM | None, node: str, dom: Domain | None,
     if not mine:
         if dom is None:
             return Plan()
-        if vm is not None and can_migrate and dom.state in ("running", "paused") and not fenced:
+        if vm is not None and can_migrate and dom.state in ("running", "paused") and not fenced \
+                and vm.status.node in ("", node):
+            # a move requested while it runs here: live-migrate. (When another node
+            # already runs it, e.g. HA restarted it there, this copy is stale: destroy.)
             return Plan([Action("migrate")], phase="Migrating")
         acts = [Action("destroy")] if dom.state != "shutoff" else []
         return Plan(acts + [Action("undefine")], phase="Removed")

@@ -103,6 +103,12 @@ def test_moved_vm_is_migrated_when_the_target_takes_migrations():
         == ["destroy", "undefine"]
 
 
+def test_stale_copy_of_a_vm_that_ha_restarted_elsewhere_is_destroyed_not_migrated():
+    v = vm(node="n2")
+    v.status.node = "n2"     # n2's agent already runs it (HA moved it while we were gone)
+    assert ops(plan(v, NODE, dom(), None, 0, 30, can_migrate=True)) == ["destroy", "undefine"]
+
+
 def test_incoming_migration_is_left_to_libvirt():
     v = vm()
     v.status.node = "n2"
