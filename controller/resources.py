@@ -251,6 +251,10 @@ class Resources:
         new.metadata.ClearField("labels")
         new.metadata.labels.update(obj.metadata.labels)
         new.spec.CopyFrom(obj.spec)
+        if kind.name == "vm" and not new.spec.node and current.spec.node:
+            # an update without a node (e.g. re-applying a manifest) keeps the
+            # scheduler's binding; moving a VM names the new node
+            new.spec.node = current.spec.node
         apply_defaults(kind, new)
         self._validate(kind, new)
         self._prerequisites(kind, new, current)

@@ -1,9 +1,9 @@
 """braid-scheduler: runs as N replicas; only the elected leader acts.
 
-In this release it campaigns for the ``scheduler`` election, reports
-leadership (metric ``braid_leader``) and, while leading, writes a heartbeat
-``scheduler/status/leader`` fenced by its election token: the first acting
-loop, which placement (scheduler issue) replaces.
+The leader binds unbound VMs to nodes and restarts HA VMs of dead nodes
+elsewhere (``scheduler.binder``; planning in ``scheduler.plan``), and writes
+a heartbeat ``scheduler/status/leader`` fenced by its election token. Every
+write carries the election guard. Metric ``braid_leader`` shows leadership.
 """
 
 from __future__ import annotations
@@ -17,14 +17,21 @@ import threading
 
 from prometheus_client import Gauge
 
-from braid.service import Daemon, Option, run_main
+from braid.service import ConfigError, Daemon, Option, run_main
 from braid.store import Election, GuardFailed, Store, StoreError
+from scheduler.binder import Binder
+from scheduler.plan import Policy
 
 log = logging.getLogger("braid.scheduler")
 
 LEADER = Gauge("braid_leader", "1 while this replica leads the election", ["election"])
 
-OPTIONS = [Option("id", "", "replica id for the leader election (default: host-pid)")]
+OPTIONS = [
+    Option("id", "", "replica id for the leader election (default: host-pid)"),
+    Option("cpu_overcommit", 2.0, "vCPUs per allocatable CPU", float),
+    Option("memory_overcommit", 1.0, "memory overcommit ratio (1: none)", float),
+    Option("placement", "spread", "spread | pack", str),
+]
 
 
 def body(d: Daemon):
@@ -32,11 +39,25 @@ def body(d: Daemon):
     d.start()
     store.revision()  # fail early when etcd is unreachable
     candidate = d.cfg["id"] or f"{socket.gethostname()}-{os.getpid()}"
-    election = Election(
-        store, "scheduler", candidate, ttl=d.cfg["lease_ttl"],
-        on_elected=lambda e: LEADER.labels("scheduler").set(1),
-        on_deposed=lambda e: LEADER.labels("scheduler").set(0),
-    ).start()
+    if d.cfg["placement"] not in ("spread", "pack"):
+        raise ConfigError(f"placement must be spread or pack, not {d.cfg['placement']!r}")
+    policy = Policy(cpu_overcommit=d.cfg["cpu_overcommit"], memory_overcommit=d.cfg["memory_overcommit"],
+                    mode=d.cfg["placement"])
+    binders: list[Binder] = []
+
+    def elected(e: Election) -> None:
+        LEADER.labels("scheduler").set(1)
+        b = Binder(store, e, policy)
+        binders.append(b)
+        b.start()
+
+    def deposed(e: Election) -> None:
+        LEADER.labels("scheduler").set(0)
+        while binders:
+            binders.pop().stop()
+
+    election = Election(store, "scheduler", candidate, ttl=d.cfg["lease_ttl"],
+                        on_elected=elected, on_deposed=deposed).start()
     stopping = threading.Event()
 
     def act():
@@ -64,6 +85,7 @@ def body(d: Daemon):
         stopping.set()
         actor.join(timeout=5)
         election.stop()
+        deposed(election)
         store.close()
 
     return stop

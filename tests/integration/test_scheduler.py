@@ -1,0 +1,102 @@
+"""The scheduler with real processes: a controller, two scheduler replicas and
+three node agents on libvirt's test driver (no QEMU: placement is the point)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import pytest
+
+from braid.v1 import compute_pb2
+from tests.conftest import DaemonProc, wait
+
+pytestmark = pytest.mark.integration
+
+
+def agent(etcd, prefix, tmp, node, memory_mib=8192):
+    return DaemonProc("node_agent.main", [
+        "--etcd", etcd.endpoint, "--prefix", prefix, "--node", node, "--lease-ttl", "3",
+        "--libvirt-uri", "test:///default", "--console-dir", str(tmp / "console"),
+        "--capacity-cpus", "16", "--capacity-memory-mib", str(memory_mib), "--reserved-cpus", "0",
+        "--reserved-memory-mib", "0"], tmp, f"agent-{node}")
+
+
+def scheduler(etcd, prefix, tmp, i):
+    return DaemonProc("scheduler.main", ["--etcd", etcd.endpoint, "--prefix", prefix, "--lease-ttl", "2",
+                                         "--id", f"sched-{i}"], tmp, f"scheduler-{i}")
+
+
+def new_vm(name, mem=512, **spec):
+    vm = compute_pb2.VM()
+    vm.metadata.name = name
+    vm.spec.vcpus, vm.spec.memory_mib = 1, mem
+    vm.spec.boot.kernel, vm.spec.boot.initrd = "/nonexistent/vmlinuz", "/nonexistent/initrd"
+    for k, v in spec.items():
+        setattr(vm.spec, k, v)
+    return vm
+
+
+def test_binding_burst_with_leader_kill_and_unplaceable_vms(etcd_server, prefix, controller, api,
+                                                            raw_store, tmp_path):
+    agents = [agent(etcd_server, prefix, tmp_path, f"sn{i}") for i in range(3)]
+    scheds = [scheduler(etcd_server, prefix, tmp_path, i) for i in range(2)]
+    bindings: dict[str, list[str]] = {}
+    stop = threading.Event()
+
+    def watch():  # every spec change of every VM: a VM must be bound exactly once
+        for batch in raw_store.watch("vm/spec/", raw_store.revision() + 1, stop):
+            for ev in batch:
+                if ev.type == "put":
+                    vm = compute_pb2.VM()
+                    from braid import kinds as K
+                    vm.CopyFrom(K.from_json(ev.kv.value, compute_pb2.VM, ev.kv.key))
+                    seen = bindings.setdefault(vm.metadata.name, [])
+                    if vm.spec.node and (not seen or seen[-1] != vm.spec.node):
+                        seen.append(vm.spec.node)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        wait(lambda: sum(n.status.phase == "Ready" for n in api.list("node")[0]) == 3, 20, "3 Ready nodes")
+        for i in range(20):
+            api.create(new_vm(f"b{i:02d}"))
+        leader = raw_store.get("election/scheduler").value.decode()
+        victim = next(s for i, s in enumerate(scheds) if f"sched-{i}" in leader)
+        victim.stop(signal.SIGKILL)          # mid-burst
+        for i in range(20, 40):
+            api.create(new_vm(f"b{i:02d}"))
+        wait(lambda: all(v.spec.node for v in api.list("vm")[0]), 30, "every VM bound")
+        vms = api.list("vm")[0]
+        per_node = {}
+        for v in vms:
+            per_node[v.spec.node] = per_node.get(v.spec.node, 0) + 1
+        assert sorted(per_node) == ["sn0", "sn1", "sn2"] and max(per_node.values()) <= 14, per_node
+        wait(lambda: len(bindings) == 40, 10, "watch saw all")
+        assert all(len(nodes) == 1 for nodes in bindings.values()), \
+            {n: b for n, b in bindings.items() if len(b) != 1}
+        wait(lambda: all(v.status.phase == "Running" for v in api.list("vm")[0]), 30, "all Running")
+
+        # bad input: bigger than any node, contradicting rules -> reasons in status, no binding
+        api.create(new_vm("huge", mem=64 << 10))
+        api.create(new_vm("torn", affinity_group="g", anti_affinity_group="g"))
+        wait(lambda: "cannot be placed" in api.get("vm", "huge").status.message, 10, "reason for huge")
+        msg = api.get("vm", "huge").status.message
+        assert "insufficient memory" in msg and "needs 65536 MiB" in msg, msg
+        wait(lambda: "both 'g'" in api.get("vm", "torn").status.message, 10, "reason for torn")
+        assert not api.get("vm", "huge").spec.node and not api.get("vm", "torn").spec.node
+        rev = raw_store.get("vm/status/torn").mod_revision
+        import time
+        time.sleep(3)  # no retry storm: an impossible request is not rewritten
+        assert raw_store.get("vm/status/torn").mod_revision == rev
+
+        # anti-affinity across the 3 nodes
+        for i in range(3):
+            api.create(new_vm(f"aa{i}", anti_affinity_group="ha-pair"))
+        wait(lambda: all(api.get("vm", f"aa{i}").spec.node for i in range(3)), 10, "aa bound")
+        assert len({api.get("vm", f"aa{i}").spec.node for i in range(3)}) == 3
+        api.create(new_vm("aa3", anti_affinity_group="ha-pair"))
+        wait(lambda: "anti-affinity" in api.get("vm", "aa3").status.message, 10, "aa3 reason")
+    finally:
+        stop.set()
+        for p in scheds + agents:
+            p.stop()
