@@ -87,7 +87,8 @@ class MemExport:
 
     async def read(self, offset: int, length: int) -> bytes:
         await self._enter("read", offset, length)
-        return bytes(self.data[offset:offset + length])
+        with memoryview(self.data) as view:   # one copy, not two (slicing the bytearray copies)
+            return bytes(view[offset:offset + length])
 
     async def write(self, offset: int, data: memoryview, fua: bool) -> None:
         await self._enter("write", offset, len(data), fua)

@@ -287,3 +287,27 @@ def libvirt_pair(tmp_path):
         pytest.skip(why)
     with pair(tmp_path) as nodes:
         yield nodes
+
+
+def domain_states(node: LibvirtNode) -> dict[str, bool]:
+    """name -> active, of every domain of the node's libvirtd."""
+    import libvirt
+    conn = libvirt.open(node.uri)
+    out = {}
+    try:
+        for d in conn.listAllDomains():
+            try:
+                out[d.name()] = bool(d.isActive())
+            except libvirt.libvirtError:
+                continue  # undefined between the listing and the question
+        return out
+    finally:
+        conn.close()
+
+
+def read_text(path) -> str:
+    """A file's text, or '' while it does not exist yet."""
+    try:
+        return Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return ""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 
-import libvirt
 import pytest
 
 from braid import devguest
@@ -16,29 +15,14 @@ from braid.cli.manifests import load
 from braid.client import ApiCallError
 from tests.conftest import ROOT, DaemonProc, wait
 from tests.integration.libvirt_pair import CONSOLE_DIR, libvirt_pair  # noqa: F401
+from tests.integration.libvirt_pair import domain_states as names
+from tests.integration.libvirt_pair import read_text as text
 
 pytestmark = pytest.mark.integration
 
 
-def names(node) -> dict[str, bool]:
-    conn = libvirt.open(node.uri)
-    out = {}
-    try:
-        for d in conn.listAllDomains():
-            try:
-                out[d.name()] = bool(d.isActive())
-            except libvirt.libvirtError:
-                continue  # undefined between the listing and the question
-        return out
-    finally:
-        conn.close()
 
 
-def text(path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 def test_live_migration_and_cancel(libvirt_pair, etcd_server, prefix, controller, api,  # noqa: F811
