@@ -67,6 +67,10 @@ def plan(vm: compute_pb2.VM | None, node: str, dom: Domain | None,
     if not mine:
         if dom is None:
             return Plan()
+        if vm is not None and vm.status.node not in ("", node) and vm.status.migration.phase == "Running" \
+                and vm.status.migration.target_node == node:
+            # an incoming migration that is being cancelled: libvirt removes its domain here
+            return Plan(phase="Migrating", message="incoming migration cancelled", hands_off=True)
         if vm is not None and can_migrate and dom.state in ("running", "paused") and not fenced \
                 and vm.status.node in ("", node):
             # a move requested while it runs here: live-migrate. (When another node

@@ -147,6 +147,8 @@ class Binder:
         self.vm_informer.start()
 
     def stop(self) -> None:
+        self.vm_informer.request_stop()
+        self.node_informer.request_stop()
         self.vm_informer.stop()
         self.node_informer.stop()
         self.controller.stop()

@@ -372,6 +372,8 @@ class StorageDaemon:
     def stop(self) -> None:
         self._stop.set()
         for inf in getattr(self, "informers", []):
+            inf.request_stop()
+        for inf in getattr(self, "informers", []):
             inf.stop()
         if self.loop is not None:
             async def shutdown():

@@ -42,6 +42,10 @@ class Informer:
         self._thread.start()
         return self
 
+    def request_stop(self) -> None:
+        """Ask the informer to stop without waiting (stop several at once)."""
+        self._stop.set()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread:

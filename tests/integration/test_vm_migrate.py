@@ -43,6 +43,9 @@ def test_live_migration_and_cancel(libvirt_pair, etcd_server, prefix, controller
         vm.metadata.name = "mover"
         vm.spec.node = "lva"
         vm.spec.boot.kernel, vm.spec.boot.initrd = str(guest.kernel), str(guest.initrd)
+        # 32 MiB of random data in guest RAM: the 1 MiB/s migration back below lasts
+        # >30 s, so the cancel always lands mid-copy
+        vm.spec.boot.cmdline += " braid.fill=32"
         api.create(vm)
         log_a = a.dirs["log"] / "console" / "lva" / "mover.log"
         log_b = b.dirs["log"] / "console" / "lvb" / "mover.log"

@@ -109,6 +109,15 @@ def test_stale_copy_of_a_vm_that_ha_restarted_elsewhere_is_destroyed_not_migrate
     assert ops(plan(v, NODE, dom(), None, 0, 30, can_migrate=True)) == ["destroy", "undefine"]
 
 
+def test_cancelled_incoming_migration_is_left_to_libvirt():
+    v = vm(node="n2")        # moved back to its source: the migration here is being cancelled
+    v.status.node = "n2"
+    v.status.migration.phase = "Running"
+    v.status.migration.target_node = NODE
+    p = plan(v, NODE, dom(state="paused"), None, 0, 30, can_migrate=True)
+    assert p.actions == [] and p.hands_off
+
+
 def test_incoming_migration_is_left_to_libvirt():
     v = vm()
     v.status.node = "n2"
