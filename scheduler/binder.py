@@ -67,7 +67,9 @@ class Binder:
         with self._lock:
             unbound = [f"vm:{n}" for n, (node, *_rest) in self.vms.items() if not node]
             dead = [f"node:{n}" for n in self._dead_nodes()]
-        return unbound + dead
+            used = {node for node, *_ in self.vms.values() if node}
+            drain = [f"drain:{n}" for n in sorted(used) if self.nodes.get(n) and self.nodes[n].maintenance]
+        return unbound + dead + drain
 
     def _dead_nodes(self) -> list[str]:
         used = {node for node, *_ in self.vms.values() if node}
@@ -124,6 +126,8 @@ class Binder:
                     n = self._node(node)
                     n.unschedulable = bool(spec and spec.unschedulable)
                     n.maintenance = bool(spec and spec.maintenance)
+                if n.maintenance:
+                    self.controller.enqueue(f"drain:{node}")
             elif kv is not None:
                 st = K.from_json(kv.value, NODE.status_message(), key)
                 with self._lock:
@@ -166,6 +170,8 @@ class Binder:
                 return self._schedule(name)
             if kind == "node":
                 return self._failover(name)
+            if kind == "drain":
+                return self._drain(name)
         except GuardFailed:
             log.warning("no longer the leader; %s left to the next one", key)
         return None
@@ -264,6 +270,48 @@ class Binder:
         if not self._bind(vm, spec_kv, d.node, req, "placed"):
             return Result(requeue_after=0.05)
         return None
+
+    # -- maintenance ------------------------------------------------------------------
+
+    def _drain(self, node: str) -> Result | None:
+        """Move every VM off a node in maintenance (highest HA priority
+        first): rebinding makes the node agents live-migrate a running VM
+        (or hand a stopped one over). VMs that fit nowhere wait, with the
+        reason in their status, and are retried."""
+        with self._lock:
+            n = self.nodes.get(node)
+            if n is None or not n.maintenance:
+                return None
+            mine = sorted(((prio, name) for name, (nd, _r, _ha, prio) in self.vms.items() if nd == node),
+                          key=lambda t: (-t[0], t[1]))
+        stuck = False
+        for _prio, name in mine:
+            got = self._load(name)
+            if got is None:
+                continue
+            vm, spec_kv, status_kv = got
+            if vm.spec.node != node:
+                continue
+            req, d = self._plan(vm, exclude=frozenset({node}))
+            if d.node is None:
+                self._pending_status_keep_phase(vm, status_kv, f"drain of {node}: cannot move: {d.reason}")
+                stuck = True
+            elif not self._bind(vm, spec_kv, d.node, req, f"drain of node {node}"):
+                stuck = True
+        return Result(requeue_after=10.0 if stuck else 2.0) if mine else None
+
+    def _pending_status_keep_phase(self, vm: compute_pb2.VM, status_kv: KV | None, message: str) -> None:
+        """Say why a drain is stuck, without touching what its agent reports."""
+        if vm.status.message == message or status_kv is None:
+            return
+        st = compute_pb2.VMStatus()
+        st.CopyFrom(vm.status)
+        st.message = message
+        try:
+            self.store.update(VM.status_key(vm.metadata.name), K.to_json(st), status_kv.mod_revision,
+                              guards=[self.election.guard()])
+        except Conflict:
+            pass
 
     # -- HA -------------------------------------------------------------------------
 

@@ -252,6 +252,57 @@ def cmd_vm_console(args) -> int:
     return 0
 
 
+# -- node commands -----------------------------------------------------------------
+
+def _set_maintenance(c: Client, name: str, on: bool) -> None:
+    from braid.v1 import node_pb2
+    for attempt in range(10):
+        node = c.get("node", name)
+        if node.spec.maintenance == on:
+            return
+        new = node_pb2.Node()
+        new.metadata.CopyFrom(node.metadata)
+        new.spec.CopyFrom(node.spec)
+        new.spec.maintenance = on
+        try:
+            c.update(new)
+            return
+        except ApiCallError as exc:
+            if exc.code != grpc.StatusCode.ABORTED or attempt == 9:
+                raise
+
+
+def cmd_node_drain(args) -> int:
+    with client(args) as c:
+        _set_maintenance(c, args.name, True)
+        print(f"node/{args.name}: maintenance; moving its VMs away", flush=True)
+        if not args.wait:
+            return 0
+        deadline = time.monotonic() + args.wait
+        last = None
+        while True:
+            left = sorted(v.metadata.name for v in c.list("vm")[0]
+                          if args.name in (v.spec.node, v.status.node))
+            if left != last:
+                print(f"  {len(left)} VM(s) left on {args.name}{': ' + ', '.join(left[:8]) if left else ''}",
+                      file=sys.stderr, flush=True)
+                last = left
+            if not left:
+                print(f"node/{args.name}: drained")
+                return 0
+            if time.monotonic() > deadline:
+                raise ApiCallError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"node {args.name} not drained after {args.wait:.0f}s ({len(left)} VMs left)")
+            time.sleep(0.5)
+
+
+def cmd_node_undrain(args) -> int:
+    with client(args) as c:
+        _set_maintenance(c, args.name, False)
+    print(f"node/{args.name}: back in service")
+    return 0
+
+
 # -- volume commands ---------------------------------------------------------------
 
 def parse_size(text: str) -> int:
@@ -512,6 +563,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
     sp.set_defaults(fn=cmd_vm_console)
     vmp.set_defaults(fn=lambda a: (vmp.print_help(), 2)[1])
+
+    nop = sub.add_parser("node", help="maintenance of nodes")
+    nsub = nop.add_subparsers(dest="node_command", metavar="ACTION")
+    sp = nsub.add_parser("drain", help="maintenance mode: the scheduler moves every VM away (live if running)")
+    sp.add_argument("name")
+    sp.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                    help="wait until no VM is left on the node (0: return at once)")
+    sp.set_defaults(fn=cmd_node_drain)
+    sp = nsub.add_parser("undrain", help="leave maintenance mode: VMs may be placed there again")
+    sp.add_argument("name")
+    sp.set_defaults(fn=cmd_node_undrain)
+    nop.set_defaults(fn=lambda a: (nop.print_help(), 2)[1])
 
     vop = sub.add_parser("volume", help="create and resize replicated volumes")
     vosub = vop.add_subparsers(dest="volume_command", metavar="ACTION")

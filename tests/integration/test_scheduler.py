@@ -14,7 +14,7 @@ from tests.conftest import DaemonProc, wait
 pytestmark = pytest.mark.integration
 
 
-def agent(etcd, prefix, tmp, node, memory_mib=8192):
+def agent(etcd, prefix, tmp, node, memory_mib=16384):
     return DaemonProc("node_agent.main", [
         "--etcd", etcd.endpoint, "--prefix", prefix, "--node", node, "--lease-ttl", "3",
         "--libvirt-uri", "test:///default", "--console-dir", str(tmp / "console"),
@@ -96,6 +96,28 @@ def test_binding_burst_with_leader_kill_and_unplaceable_vms(etcd_server, prefix,
         assert len({api.get("vm", f"aa{i}").spec.node for i in range(3)}) == 3
         api.create(new_vm("aa3", anti_affinity_group="ha-pair"))
         wait(lambda: "anti-affinity" in api.get("vm", "aa3").status.message, 10, "aa3 reason")
+
+        # drain: every VM leaves sn0 (test driver: cold moves), nothing new lands there
+        import subprocess
+        import sys
+        on_sn0 = [v.metadata.name for v in api.list("vm")[0] if v.spec.node == "sn0"]
+        assert on_sn0
+        api.delete("vm", "aa0"), api.delete("vm", "aa1"), api.delete("vm", "aa2"), api.delete("vm", "aa3")
+        p = subprocess.run([sys.executable, "-m", "braid.cli.main", "--server", controller.address,
+                            "node", "drain", "sn0", "--wait", "120"], capture_output=True, text=True,
+                           timeout=150)
+        assert p.returncode == 0, p.stderr
+        assert "drained" in p.stdout
+        vms = api.list("vm")[0]
+        assert not [v.metadata.name for v in vms if "sn0" in (v.spec.node, v.status.node)]
+        moved = [v for v in vms if v.metadata.name in on_sn0 and v.metadata.name.startswith("b")]
+        wait(lambda: all(api.get("vm", v.metadata.name).status.phase == "Running" for v in moved), 60,
+             "moved VMs running elsewhere")
+        api.create(new_vm("after-drain"))
+        assert wait(lambda: api.get("vm", "after-drain").spec.node, 10, "bound") != "sn0"
+        p = subprocess.run([sys.executable, "-m", "braid.cli.main", "--server", controller.address,
+                            "node", "undrain", "sn0"], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and not api.get("node", "sn0").spec.maintenance
     finally:
         stop.set()
         for p in scheds + agents:
