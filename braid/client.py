@@ -115,6 +115,23 @@ class Client:
                                             label_selector=label_selector), timeout=timeout)
         return _WatchStream(stream)
 
+    def _cluster_call(self, method: str, request, reply_cls):
+        call = self.channel.unary_unary(f"/braid.v1.ClusterService/{method}",
+                                        request_serializer=lambda m: m.SerializeToString(),
+                                        response_deserializer=reply_cls.FromString)
+        try:
+            return call(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise ApiCallError.from_rpc(exc) from None
+
+    def drs_recommendations(self) -> cluster_pb2.DrsRecommendations:
+        return self._cluster_call("GetDrsRecommendations", cluster_pb2.DrsRecommendationsRequest(),
+                                  cluster_pb2.DrsRecommendations)
+
+    def drs_apply(self, ident: str) -> cluster_pb2.DrsMove:
+        return self._cluster_call("DrsApply", cluster_pb2.DrsApplyRequest(id=ident),
+                                  cluster_pb2.DrsApplyResponse).move
+
     def info(self) -> cluster_pb2.ClusterInfo:
         call = self.channel.unary_unary(
             "/braid.v1.ClusterService/Info",

@@ -18,6 +18,7 @@ from braid import __version__
 from braid import kinds as K
 from braid.store import Store, StoreError
 from braid.v1 import cluster_pb2, meta_pb2
+from braid.validation import FieldError
 from controller.resources import ApiError, Resources
 
 log = logging.getLogger("braid.controller.api")
@@ -148,9 +149,57 @@ def cluster_handler(store: Store, resources: Resources, cluster_name: str) -> gr
         except StoreError as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
+    def recommendations(_req) -> cluster_pb2.DrsRecommendations:
+        kv = store.get("drs/recommendations")
+        if kv is None:
+            return cluster_pb2.DrsRecommendations(reasons=["no DRS round has run yet (is a scheduler "
+                                                           "running, with --drs-mode manual or automatic?)"])
+        try:
+            return K.from_json(kv.value, cluster_pb2.DrsRecommendations, kv.key)
+        except K.CorruptObject as exc:
+            raise ApiError(grpc.StatusCode.DATA_LOSS, str(exc)) from None
+
+    def apply(req: cluster_pb2.DrsApplyRequest) -> cluster_pb2.DrsApplyResponse:
+        ident = req.id.strip()
+        if len(ident) < 4:
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "give a recommendation id (at least 4 characters)",
+                           [FieldError("id", "at least 4 characters")])
+        recs = recommendations(None)
+        found = [m for m in recs.moves if m.id == ident] or [m for m in recs.moves if m.id.startswith(ident)]
+        if not found:
+            raise ApiError(grpc.StatusCode.NOT_FOUND, f"no current DRS recommendation {ident!r} "
+                                                      "(braid drs recommendations lists them)")
+        if len(found) > 1:
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"{ident!r} matches {len(found)} recommendations",
+                           [FieldError("id", "ambiguous prefix")])
+        move = found[0]
+        vm = resources.get(K.KINDS["vm"], move.vm)
+        if vm.spec.node != move.source:
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"vm {move.vm} is on {vm.spec.node or 'no node'} now, not {move.source}")
+        vm.spec.node = move.target
+        vm.ClearField("status")
+        resources.update(K.KINDS["vm"], vm)
+        return cluster_pb2.DrsApplyResponse(move=move)
+
+    def guarded(fn):
+        def call(req, context):
+            try:
+                return fn(req)
+            except ApiError as err:
+                _abort(context, err)
+            except StoreError as exc:
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return call
+
     return grpc.method_handlers_generic_handler("braid.v1.ClusterService", {
         "Info": grpc.unary_unary_rpc_method_handler(
             safe_info, cluster_pb2.ClusterInfoRequest.FromString,
             lambda m: m.SerializeToString()),
+        "GetDrsRecommendations": grpc.unary_unary_rpc_method_handler(
+            guarded(recommendations), cluster_pb2.DrsRecommendationsRequest.FromString,
+            lambda m: m.SerializeToString()),
+        "DrsApply": grpc.unary_unary_rpc_method_handler(
+            guarded(apply), cluster_pb2.DrsApplyRequest.FromString, lambda m: m.SerializeToString()),
     })
 

@@ -263,6 +263,20 @@ class Hypervisor:
                 out[snap.vm] = snap
         return out
 
+    def cpu_times(self) -> dict[str, int]:
+        """CPU time (ns) used so far by each running VM's QEMU, by VM name."""
+        out = {}
+        for dom in self._call("listing domains", self.conn.listAllDomains,
+                              libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            name = dom.name()
+            if not name.startswith(PREFIX):
+                continue
+            try:
+                out[name[len(PREFIX):]] = dom.info()[4]
+            except libvirt.libvirtError:
+                continue  # gone meanwhile
+        return out
+
     # -- acting -----------------------------------------------------------------------------
 
     def define(self, xml: str) -> None:

@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import os
 import threading
+import time
 
 from braid import hostinfo
 from braid.kinds import to_json
@@ -146,18 +147,39 @@ class Agent:
         return {"owner": self.owner, "migration_uri": d.cfg["migration_uri"]}
 
     def _report_usage(self, store, status, stopping, interval: float = 5.0) -> None:
-        """Keep the node's ``allocated`` current: vCPUs and memory of the
-        domains running here, as libvirt reports them."""
+        """Keep the node's usage current: ``allocated`` (vCPUs and memory of
+        the domains running here, as libvirt reports them) and what is
+        measured (host CPU busy share, memory in use, CPU cores each VM's
+        QEMU used over the interval: the DRS input). Written only when a
+        value changed (measurements rounded to 0.01)."""
+        last_cpu = hostinfo.cpu_times()
+        last_vm: dict[str, int] = {}
+        last_t = time.monotonic()
         while not stopping.wait(interval):
             try:
                 running = [d for d in self.reconciler.hv.list_domains().values()
                            if d.state in ("running", "paused")]
+                vm_ns = self.reconciler.hv.cpu_times()
             except HypervisorError:
                 continue
-            allocated = node_pb2.Resources(cpus=sum(d.vcpus for d in running),
-                                           memory_bytes=sum(d.memory_mib for d in running) << 20)
-            if allocated != status.allocated:
-                status.allocated.CopyFrom(allocated)
+            now, cpu = time.monotonic(), hostinfo.cpu_times()
+            new = node_pb2.NodeStatus()
+            new.CopyFrom(status)
+            new.allocated.CopyFrom(node_pb2.Resources(cpus=sum(d.vcpus for d in running),
+                                                      memory_bytes=sum(d.memory_mib for d in running) << 20))
+            busy, total = cpu[0] - last_cpu[0], cpu[1] - last_cpu[1]
+            new.cpu_used_fraction = round(busy / total, 2) if total > 0 else 0.0
+            new.memory_used_bytes = hostinfo.memory_used_bytes()
+            new.ClearField("vm_cpu_cores")
+            wall_ns = max(1.0, (now - last_t) * 1e9)
+            for vm, ns in vm_ns.items():
+                if vm in last_vm:
+                    new.vm_cpu_cores[vm] = round(max(0, ns - last_vm[vm]) / wall_ns, 2)
+            last_cpu, last_vm, last_t = cpu, vm_ns, now
+            # memory moves a little all the time: report it in 64 MiB steps
+            new.memory_used_bytes = (new.memory_used_bytes >> 26) << 26
+            if new != status:
+                status.CopyFrom(new)
                 try:
                     store.put(f"node/status/{self.node}", to_json(status))
                 except StoreError as exc:

@@ -53,6 +53,8 @@ class Binder:
         self.vms: dict[str, tuple[str, VMRequest, bool, int]] = {}  # name -> (node, req, ha, priority)
         self.nodes: dict[str, NodeInfo] = {}
         self.live: dict[str, set[str]] = {}       # node -> live daemons
+        # node -> (host CPU busy share, host CPUs, memory used MiB, {vm: cores}): DRS input
+        self.measured: dict[str, tuple[float, int, int, dict[str, float]]] = {}
         self._rr = 0
         self.binds = 0
         self.failovers = 0
@@ -136,6 +138,8 @@ class Binder:
                     n.memory_mib = st.allocatable.memory_bytes >> 20
                     n.hypervisor = st.hypervisor or n.hypervisor
                     n.numa_cells = st.numa_cells or 1
+                    self.measured[node] = (st.cpu_used_fraction, st.capacity.cpus,
+                                           st.memory_used_bytes >> 20, dict(st.vm_cpu_cores))
         except K.CorruptObject as exc:
             log.warning("ignoring %s", exc)
             return
@@ -270,6 +274,19 @@ class Binder:
         if not self._bind(vm, spec_kv, d.node, req, "placed"):
             return Result(requeue_after=0.05)
         return None
+
+    def move(self, name: str, source: str, target: str, why: str) -> bool:
+        """Rebind a VM from ``source`` to ``target`` (a DRS move); False if
+        it is not on ``source`` any more or ``target`` cannot take it now."""
+        got = self._load(name)
+        if got is None or got[0].spec.node != source:
+            return False
+        vm, spec_kv, _ = got
+        req, d = self._plan(vm, exclude=frozenset(n for n in self.nodes if n != target))
+        if d.node != target:
+            log.info("DRS move of %s to %s skipped: %s", name, target, d.reason or "not the best fit")
+            return False
+        return self._bind(vm, spec_kv, target, req, why)
 
     # -- maintenance ------------------------------------------------------------------
 

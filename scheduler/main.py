@@ -20,6 +20,7 @@ from prometheus_client import Gauge
 from braid.service import ConfigError, Daemon, Option, run_main
 from braid.store import Election, GuardFailed, Store, StoreError
 from scheduler.binder import Binder
+from scheduler.drsloop import DrsLoop
 from scheduler.plan import Policy
 
 log = logging.getLogger("braid.scheduler")
@@ -31,6 +32,12 @@ OPTIONS = [
     Option("cpu_overcommit", 2.0, "vCPUs per allocatable CPU", float),
     Option("memory_overcommit", 1.0, "memory overcommit ratio (1: none)", float),
     Option("placement", "spread", "spread | pack", str),
+    Option("drs_mode", "manual", "DRS: off | manual (recommend) | automatic (migrate)", str),
+    Option("drs_threshold", 0.8, "DRS: load (max of CPU and memory share) a node should stay under, "
+                                 "0.5..0.9", float),
+    Option("drs_window", "conservative", "DRS: conservative (5 min well above) | aggressive (1 min)", str),
+    Option("drs_interval", 30.0, "DRS: seconds between measurements", float),
+    Option("drs_window_seconds", 0.0, "DRS: sustained window in seconds (0: the window mode's)", float),
 ]
 
 
@@ -43,18 +50,25 @@ def body(d: Daemon):
         raise ConfigError(f"placement must be spread or pack, not {d.cfg['placement']!r}")
     policy = Policy(cpu_overcommit=d.cfg["cpu_overcommit"], memory_overcommit=d.cfg["memory_overcommit"],
                     mode=d.cfg["placement"])
-    binders: list[Binder] = []
+    try:
+        DrsLoop(None, d.cfg["drs_mode"], d.cfg["drs_threshold"], d.cfg["drs_window"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    running: list = []
 
     def elected(e: Election) -> None:
         LEADER.labels("scheduler").set(1)
         b = Binder(store, e, policy)
-        binders.append(b)
+        loop = DrsLoop(b, d.cfg["drs_mode"], d.cfg["drs_threshold"], d.cfg["drs_window"],
+                       d.cfg["drs_interval"], d.cfg["drs_window_seconds"])
+        running.extend([b, loop])
         b.start()
+        loop.start()
 
     def deposed(e: Election) -> None:
         LEADER.labels("scheduler").set(0)
-        while binders:
-            binders.pop().stop()
+        while running:
+            running.pop().stop()
 
     election = Election(store, "scheduler", candidate, ttl=d.cfg["lease_ttl"],
                         on_elected=elected, on_deposed=deposed).start()

@@ -303,6 +303,37 @@ def cmd_node_undrain(args) -> int:
     return 0
 
 
+# -- DRS commands ------------------------------------------------------------------
+
+def cmd_drs_recommendations(args) -> int:
+    with client(args) as c:
+        rec = c.drs_recommendations()
+    if args.output == "json":
+        print(json.dumps(K.to_dict(rec), indent=2))
+        return 0
+    print(f"mode {rec.mode or '-'}, threshold {rec.threshold:.0%}, at {rec.generated_at or '-'}")
+    if rec.loads:
+        print("loads: " + ", ".join(f"{n} {v:.0%}" for n, v in sorted(rec.loads.items())))
+    print(f"hot: {', '.join(rec.hot) or 'none'}")
+    if rec.moves:
+        print(f"{'ID':<14}{'VM':<20}{'FROM':<12}{'TO':<12}{'AFTER':<14}REASON")
+        for m in rec.moves:
+            print(f"{m.id:<14}{m.vm:<20}{m.source:<12}{m.target:<12}"
+                  f"{f'{m.source_load:.0%}/{m.target_load:.0%}':<14}{m.reason}")
+    else:
+        print("no moves recommended")
+    for r in rec.reasons:
+        print(f"  note: {r}")
+    return 0
+
+
+def cmd_drs_apply(args) -> int:
+    with client(args) as c:
+        m = c.drs_apply(args.id)
+    print(f"vm/{m.vm}: moving {m.source} -> {m.target} (DRS {m.id}); follow with braid get vms -o wide")
+    return 0
+
+
 # -- volume commands ---------------------------------------------------------------
 
 def parse_size(text: str) -> int:
@@ -575,6 +606,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.set_defaults(fn=cmd_node_undrain)
     nop.set_defaults(fn=lambda a: (nop.print_help(), 2)[1])
+
+    dp = sub.add_parser("drs", help="load balancing: recommendations of the scheduler")
+    dsub_ = dp.add_subparsers(dest="drs_command", metavar="ACTION")
+    sp = dsub_.add_parser("recommendations", help="live migrations DRS recommends now")
+    outputs(sp, ("text", "json"), "text")
+    sp.set_defaults(fn=cmd_drs_recommendations)
+    sp = dsub_.add_parser("apply", help="carry out one recommendation (a live migration)")
+    sp.add_argument("id")
+    sp.set_defaults(fn=cmd_drs_apply)
+    dp.set_defaults(fn=lambda a: (dp.print_help(), 2)[1])
 
     vop = sub.add_parser("volume", help="create and resize replicated volumes")
     vosub = vop.add_subparsers(dest="volume_command", metavar="ACTION")

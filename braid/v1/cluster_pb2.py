@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62raid/v1/cluster.proto\x12\x08\x62raid.v1\"\x14\n\x12\x43lusterInfoRequest\"\xd5\x02\n\x0b\x43lusterInfo\x12\x14\n\x0c\x63luster_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\retcd_revision\x18\x03 \x01(\x03\x12\x14\n\x0c\x65tcd_version\x18\x04 \x01(\t\x12\x33\n\x07leaders\x18\x05 \x03(\x0b\x32\".braid.v1.ClusterInfo.LeadersEntry\x12\x13\n\x0bnodes_total\x18\x06 \x01(\x05\x12\x13\n\x0bnodes_ready\x18\x07 \x01(\x05\x12\x33\n\x07objects\x18\x08 \x03(\x0b\x32\".braid.v1.ClusterInfo.ObjectsEntry\x1a.\n\x0cLeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cObjectsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x32M\n\x0e\x43lusterService\x12;\n\x04Info\x12\x1c.braid.v1.ClusterInfoRequest\x1a\x15.braid.v1.ClusterInfoB\x12Z\x10\x62raid/v1;braidv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62raid/v1/cluster.proto\x12\x08\x62raid.v1\"\x14\n\x12\x43lusterInfoRequest\"\xd5\x02\n\x0b\x43lusterInfo\x12\x14\n\x0c\x63luster_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\retcd_revision\x18\x03 \x01(\x03\x12\x14\n\x0c\x65tcd_version\x18\x04 \x01(\t\x12\x33\n\x07leaders\x18\x05 \x03(\x0b\x32\".braid.v1.ClusterInfo.LeadersEntry\x12\x13\n\x0bnodes_total\x18\x06 \x01(\x05\x12\x13\n\x0bnodes_ready\x18\x07 \x01(\x05\x12\x33\n\x07objects\x18\x08 \x03(\x0b\x32\".braid.v1.ClusterInfo.ObjectsEntry\x1a.\n\x0cLeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cObjectsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"{\n\x07\x44rsMove\x12\n\n\x02id\x18\x01 \x01(\t\x12\n\n\x02vm\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x13\n\x0bsource_load\x18\x06 \x01(\x01\x12\x13\n\x0btarget_load\x18\x07 \x01(\x01\"\xf1\x01\n\x12\x44rsRecommendations\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\x01\x12\x14\n\x0cgenerated_at\x18\x03 \x01(\t\x12 \n\x05moves\x18\x04 \x03(\x0b\x32\x11.braid.v1.DrsMove\x12\x0b\n\x03hot\x18\x05 \x03(\t\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12\x36\n\x05loads\x18\x07 \x03(\x0b\x32\'.braid.v1.DrsRecommendations.LoadsEntry\x1a,\n\nLoadsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1b\n\x19\x44rsRecommendationsRequest\"\x1d\n\x0f\x44rsApplyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"3\n\x10\x44rsApplyResponse\x12\x1f\n\x04move\x18\x01 \x01(\x0b\x32\x11.braid.v1.DrsMove2\xec\x01\n\x0e\x43lusterService\x12;\n\x04Info\x12\x1c.braid.v1.ClusterInfoRequest\x1a\x15.braid.v1.ClusterInfo\x12Z\n\x15GetDrsRecommendations\x12#.braid.v1.DrsRecommendationsRequest\x1a\x1c.braid.v1.DrsRecommendations\x12\x41\n\x08\x44rsApply\x12\x19.braid.v1.DrsApplyRequest\x1a\x1a.braid.v1.DrsApplyResponseB\x12Z\x10\x62raid/v1;braidv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLUSTERINFO_LEADERSENTRY']._serialized_options = b'8\001'
   _globals['_CLUSTERINFO_OBJECTSENTRY']._loaded_options = None
   _globals['_CLUSTERINFO_OBJECTSENTRY']._serialized_options = b'8\001'
+  _globals['_DRSRECOMMENDATIONS_LOADSENTRY']._loaded_options = None
+  _globals['_DRSRECOMMENDATIONS_LOADSENTRY']._serialized_options = b'8\001'
   _globals['_CLUSTERINFOREQUEST']._serialized_start=36
   _globals['_CLUSTERINFOREQUEST']._serialized_end=56
   _globals['_CLUSTERINFO']._serialized_start=59
@@ -44,6 +46,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLUSTERINFO_LEADERSENTRY']._serialized_end=352
   _globals['_CLUSTERINFO_OBJECTSENTRY']._serialized_start=354
   _globals['_CLUSTERINFO_OBJECTSENTRY']._serialized_end=400
-  _globals['_CLUSTERSERVICE']._serialized_start=402
-  _globals['_CLUSTERSERVICE']._serialized_end=479
+  _globals['_DRSMOVE']._serialized_start=402
+  _globals['_DRSMOVE']._serialized_end=525
+  _globals['_DRSRECOMMENDATIONS']._serialized_start=528
+  _globals['_DRSRECOMMENDATIONS']._serialized_end=769
+  _globals['_DRSRECOMMENDATIONS_LOADSENTRY']._serialized_start=725
+  _globals['_DRSRECOMMENDATIONS_LOADSENTRY']._serialized_end=769
+  _globals['_DRSRECOMMENDATIONSREQUEST']._serialized_start=771
+  _globals['_DRSRECOMMENDATIONSREQUEST']._serialized_end=798
+  _globals['_DRSAPPLYREQUEST']._serialized_start=800
+  _globals['_DRSAPPLYREQUEST']._serialized_end=829
+  _globals['_DRSAPPLYRESPONSE']._serialized_start=831
+  _globals['_DRSAPPLYRESPONSE']._serialized_end=882
+  _globals['_CLUSTERSERVICE']._serialized_start=885
+  _globals['_CLUSTERSERVICE']._serialized_end=1121
 # @@protoc_insertion_point(module_scope)

@@ -39,12 +39,34 @@ class ClusterServiceStub:
                 request_serializer=braid_dot_v1_dot_cluster__pb2.ClusterInfoRequest.SerializeToString,
                 response_deserializer=braid_dot_v1_dot_cluster__pb2.ClusterInfo.FromString,
                 _registered_method=True)
+        self.GetDrsRecommendations = channel.unary_unary(
+                '/braid.v1.ClusterService/GetDrsRecommendations',
+                request_serializer=braid_dot_v1_dot_cluster__pb2.DrsRecommendationsRequest.SerializeToString,
+                response_deserializer=braid_dot_v1_dot_cluster__pb2.DrsRecommendations.FromString,
+                _registered_method=True)
+        self.DrsApply = channel.unary_unary(
+                '/braid.v1.ClusterService/DrsApply',
+                request_serializer=braid_dot_v1_dot_cluster__pb2.DrsApplyRequest.SerializeToString,
+                response_deserializer=braid_dot_v1_dot_cluster__pb2.DrsApplyResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Info(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDrsRecommendations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrsApply(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -57,6 +79,16 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=braid_dot_v1_dot_cluster__pb2.ClusterInfoRequest.FromString,
                     response_serializer=braid_dot_v1_dot_cluster__pb2.ClusterInfo.SerializeToString,
+            ),
+            'GetDrsRecommendations': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDrsRecommendations,
+                    request_deserializer=braid_dot_v1_dot_cluster__pb2.DrsRecommendationsRequest.FromString,
+                    response_serializer=braid_dot_v1_dot_cluster__pb2.DrsRecommendations.SerializeToString,
+            ),
+            'DrsApply': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrsApply,
+                    request_deserializer=braid_dot_v1_dot_cluster__pb2.DrsApplyRequest.FromString,
+                    response_serializer=braid_dot_v1_dot_cluster__pb2.DrsApplyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +118,60 @@ class ClusterService:
             '/braid.v1.ClusterService/Info',
             braid_dot_v1_dot_cluster__pb2.ClusterInfoRequest.SerializeToString,
             braid_dot_v1_dot_cluster__pb2.ClusterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDrsRecommendations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/braid.v1.ClusterService/GetDrsRecommendations',
+            braid_dot_v1_dot_cluster__pb2.DrsRecommendationsRequest.SerializeToString,
+            braid_dot_v1_dot_cluster__pb2.DrsRecommendations.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrsApply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/braid.v1.ClusterService/DrsApply',
+            braid_dot_v1_dot_cluster__pb2.DrsApplyRequest.SerializeToString,
+            braid_dot_v1_dot_cluster__pb2.DrsApplyResponse.FromString,
             options,
             channel_credentials,
             insecure,

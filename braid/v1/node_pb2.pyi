@@ -54,7 +54,14 @@ class DaemonStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., live: _Optional[bool] = ..., version: _Optional[str] = ..., grpc_address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., pid: _Optional[int] = ..., started_at: _Optional[str] = ..., lease_id: _Optional[int] = ..., migration_uri: _Optional[str] = ..., owner: _Optional[str] = ..., peer_address: _Optional[str] = ..., nbd_address: _Optional[str] = ..., nbd_socket_dir: _Optional[str] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("phase", "addresses", "capacity", "allocatable", "allocated", "hypervisor", "numa_cells", "daemons", "conditions", "registered_at", "kernel")
+    __slots__ = ("phase", "addresses", "capacity", "allocatable", "allocated", "hypervisor", "numa_cells", "daemons", "conditions", "registered_at", "kernel", "cpu_used_fraction", "memory_used_bytes", "vm_cpu_cores")
+    class VmCpuCoresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +73,9 @@ class NodeStatus(_message.Message):
     CONDITIONS_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
     KERNEL_FIELD_NUMBER: _ClassVar[int]
+    CPU_USED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VM_CPU_CORES_FIELD_NUMBER: _ClassVar[int]
     phase: str
     addresses: _containers.RepeatedScalarFieldContainer[str]
     capacity: Resources
@@ -77,7 +87,10 @@ class NodeStatus(_message.Message):
     conditions: _containers.RepeatedCompositeFieldContainer[_meta_pb2.Condition]
     registered_at: str
     kernel: str
-    def __init__(self, phase: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocatable: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisor: _Optional[str] = ..., numa_cells: _Optional[int] = ..., daemons: _Optional[_Iterable[_Union[DaemonStatus, _Mapping]]] = ..., conditions: _Optional[_Iterable[_Union[_meta_pb2.Condition, _Mapping]]] = ..., registered_at: _Optional[str] = ..., kernel: _Optional[str] = ...) -> None: ...
+    cpu_used_fraction: float
+    memory_used_bytes: int
+    vm_cpu_cores: _containers.ScalarMap[str, float]
+    def __init__(self, phase: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., allocatable: _Optional[_Union[Resources, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., hypervisor: _Optional[str] = ..., numa_cells: _Optional[int] = ..., daemons: _Optional[_Iterable[_Union[DaemonStatus, _Mapping]]] = ..., conditions: _Optional[_Iterable[_Union[_meta_pb2.Condition, _Mapping]]] = ..., registered_at: _Optional[str] = ..., kernel: _Optional[str] = ..., cpu_used_fraction: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., vm_cpu_cores: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Node(_message.Message):
     __slots__ = ("metadata", "spec", "status")

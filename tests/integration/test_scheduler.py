@@ -122,3 +122,53 @@ def test_binding_burst_with_leader_kill_and_unplaceable_vms(etcd_server, prefix,
         stop.set()
         for p in scheds + agents:
             p.stop()
+
+
+def test_drs_recommends_a_move_and_applies_it(etcd_server, prefix, controller, api, raw_store, tmp_path):
+    """DRS from measurements to a move: node statuses as node agents would
+    report them (d1 busy with two VMs, d2/d3 idle) are planted in etcd; the
+    scheduler's DRS loop (manual mode, 1 s window) recommends moving one of
+    d1's VMs; ``braid drs apply`` rebinds it."""
+    import subprocess
+    import sys
+
+    from braid import kinds as K
+    from braid.v1 import node_pb2
+
+    def braid(*args):
+        return subprocess.run([sys.executable, "-m", "braid.cli.main", "--server", controller.address, *args],
+                              capture_output=True, text=True, timeout=60)
+
+    for name, busy, cores in (("d1", 0.95, {"hot1": 4.0, "hot2": 3.5}), ("d2", 0.1, {}), ("d3", 0.15, {})):
+        st = node_pb2.NodeStatus(capacity=node_pb2.Resources(cpus=8, memory_bytes=16 << 30),
+                                 allocatable=node_pb2.Resources(cpus=8, memory_bytes=16 << 30),
+                                 hypervisor="test", cpu_used_fraction=busy, memory_used_bytes=2 << 30)
+        for vm, c in cores.items():
+            st.vm_cpu_cores[vm] = c
+        raw_store.put(f"node/status/{name}", K.to_json(st))
+        raw_store.put(f"node/live/{name}/node-agent", K.to_json(node_pb2.DaemonStatus(name="node-agent")))
+    for vm in ("hot1", "hot2"):
+        v = new_vm(vm, mem=1024)
+        v.spec.vcpus = 4
+        v.spec.node = "d1"
+        api.create(v)
+    sched = DaemonProc("scheduler.main", [
+        "--etcd", etcd_server.endpoint, "--prefix", prefix, "--lease-ttl", "2", "--drs-mode", "manual",
+        "--drs-interval", "0.5", "--drs-window", "aggressive", "--drs-window-seconds", "1"], tmp_path, "sched")
+    try:
+        wait(lambda: api.drs_recommendations().moves, 20, "a DRS recommendation")
+        rec = api.drs_recommendations()
+        assert rec.mode == "manual" and list(rec.hot) == ["d1"] and rec.loads["d1"] >= 0.9
+        move = rec.moves[0]
+        assert move.source == "d1" and move.target in ("d2", "d3") and move.vm in ("hot1", "hot2")
+        assert move.source_load < 0.8 and move.target_load < 0.8
+        out = braid("drs", "recommendations")
+        assert out.returncode == 0 and move.id in out.stdout and "hot: d1" in out.stdout, out.stdout
+        out = braid("drs", "apply", move.id[:6])
+        assert out.returncode == 0, out.stderr
+        assert api.get("vm", move.vm).spec.node == move.target
+        out = braid("drs", "apply", move.id)      # the VM is not on d1 any more
+        assert out.returncode != 0 and ("not d1" in out.stderr or "no current" in out.stderr), out.stderr
+        assert braid("drs", "apply", "zz").returncode == 2
+    finally:
+        sched.stop()
