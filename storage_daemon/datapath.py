@@ -312,6 +312,9 @@ class VolumeEngine:
     # -- writes ------------------------------------------------------------------
 
     async def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        idx, off = divmod(offset, self.info.extent_size)
+        if off + len(data) <= self.info.extent_size:  # the common case: one extent
+            return await self._mutate(idx, P.OP_WRITE, off, len(data), data, fua)
         pos = 0
         jobs = []
         for idx, off, n in self._pieces(offset, len(data)):
@@ -426,6 +429,9 @@ class VolumeEngine:
     # -- reads -------------------------------------------------------------------
 
     async def read(self, offset: int, length: int):
+        idx, off = divmod(offset, self.info.extent_size)
+        if off + length <= self.info.extent_size:  # the common case: one extent
+            return await self._read_extent(idx, off, length)
         pieces = list(self._pieces(offset, length))
         if len(pieces) == 1:
             return await self._read_extent(*pieces[0])
@@ -449,9 +455,8 @@ class VolumeEngine:
                 if rep.node == self.sn.node:
                     continue
                 try:
-                    _, data = await asyncio.wait_for(
-                        self.sn.peer(rep.node).call(P.OP_READ, self.info.name, self.info.uid, index,
-                                                    rec.generation, off, n), self.sn.peer_timeout)
+                    _, data = await self.sn.peer(rep.node).call(P.OP_READ, self.info.name, self.info.uid,
+                                                                index, rec.generation, off, n)
                     return data
                 except P.PeerError as exc:
                     last = exc
@@ -475,8 +480,9 @@ class VolumeEngine:
 
     async def _sync_peer(self, node: str) -> None:
         try:
-            await asyncio.wait_for(self.sn.peer(node).call(P.OP_SYNC, self.info.name, self.info.uid,
-                                                           P.ALL_EXTENTS, 0), self.sn.peer_timeout)
+            # fdatasync of many dirty extents may take a while: a longer deadline than for writes
+            await self.sn.peer(node).call(P.OP_SYNC, self.info.name, self.info.uid, P.ALL_EXTENTS, 0,
+                                          timeout=max(30.0, 10 * self.sn.peer_timeout))
         except (P.PeerError, P.PeerUnavailable, asyncio.TimeoutError, OSError) as exc:
             # its unsynced writes may be gone: it leaves every set of this volume it is in
             for rec in [r for r in self.sn.view.by_uid().get(self.info.uid, []) if r.holds(node)]:

@@ -257,14 +257,14 @@ class PeerClient:
             self._arm_watchdog(loop)
 
     def submit(self, op: int, volume: str, uid: str, index: int, generation: int, offset: int = 0,
-               length: int = 0, payload=b"", flags: int = 0) -> asyncio.Future:
+               length: int = 0, payload=b"", flags: int = 0, timeout: float = 0.0) -> asyncio.Future:
         """Queue one request on the open connection; the future resolves to
         (generation, payload) or fails with PeerError, PeerUnavailable or
         asyncio.TimeoutError. Requires ``connected`` (else use ``call``)."""
         loop = asyncio.get_running_loop()
         req_id = next(self._ids)
         fut = loop.create_future()
-        self._pending[req_id] = (fut, loop.time() + self.timeout)
+        self._pending[req_id] = (fut, loop.time() + (timeout or self.timeout))
         self._arm_watchdog(loop)
         if op == OP_WRITE:
             length = len(payload)
@@ -273,11 +273,12 @@ class PeerClient:
         return fut
 
     async def call(self, op: int, volume: str, uid: str, index: int, generation: int, offset: int = 0,
-                   length: int = 0, payload=b"", flags: int = 0) -> tuple[int, bytes]:
-        """Send one request, wait for its reply: (generation, payload)."""
+                   length: int = 0, payload=b"", flags: int = 0, timeout: float = 0.0) -> tuple[int, bytes]:
+        """Send one request, wait for its reply: (generation, payload).
+        ``timeout``: this request's deadline (default: the client's)."""
         if not self.connected:
             await self._connect()
-        fut = self.submit(op, volume, uid, index, generation, offset, length, payload, flags)
+        fut = self.submit(op, volume, uid, index, generation, offset, length, payload, flags, timeout)
         transport = self._out.transport
         if transport.get_write_buffer_size() > (8 << 20):  # back-pressure: let it drain
             while transport.get_write_buffer_size() > (1 << 20) and not transport.is_closing():
