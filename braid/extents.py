@@ -232,3 +232,31 @@ def place(indexes: list[int], replicas: int, extent_size: int, disks: list[DiskC
             d.free_bytes -= extent_size
         out[idx] = tuple(Replica(d.node, d.disk) for d in chosen)
     return out
+
+
+def unfence(store, volumes, node: str) -> int:
+    """Lift ``node``'s HA fence on every extent of ``volumes`` (the node
+    now runs the VM that uses them). One CAS per fenced extent; returns how
+    many records changed. ``store`` is a ``braid.store.Store``."""
+    from braid.store import Conflict
+    changed = 0
+    for vol in sorted(set(volumes)):
+        kvs, _ = store.list(volume_prefix(vol))
+        for kv in kvs:
+            for _attempt in range(5):
+                try:
+                    rec = ExtentRecord.from_json(kv.value)
+                except BadRecord:
+                    break
+                if node not in rec.fenced:
+                    break
+                try:
+                    store.update(kv.key, rec.unfence(node).to_json(), kv.mod_revision)
+                    changed += 1
+                    break
+                except Conflict:
+                    kv = store.get(kv.key)
+                    if kv is None:
+                        break
+    return changed
+

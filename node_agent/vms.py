@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from braid import extents
 from braid import kinds as K
 from braid.reconcile import Result
 from braid.store import AlreadyExists, Conflict, Guard, NotFound, Store
@@ -220,6 +221,11 @@ class VMReconciler:
         if act.op == "define":
             hv.define(domain_xml.build_domain(vm, self.ctx))
         elif act.op == "start":
+            # the node a VM is bound to may have been fenced from its volumes by an
+            # earlier HA failover (or a move): lift that before the VM writes
+            volumes = [d.volume for d in vm.spec.disks if d.volume]
+            if volumes and extents.unfence(self.store, volumes, self.node):
+                log.info("vm %s: lifted this node's fence on %s", name, ", ".join(volumes))
             hv.start(name)
         elif act.op == "start_paused":
             hv.start(name, paused=True)

@@ -148,3 +148,38 @@ def test_export_uris_from_presence():
     assert uris == [("n1", "nbd+unix:///vol1?socket=/run/braid/n1/nbd/vol1.sock"),
                     ("n1", "nbd://127.0.0.1:10809/vol1"),
                     ("n2", "nbd+unix:///vol1?socket=/run/braid/n2/nbd/vol1.sock")]
+
+
+def test_unfence_lifts_only_that_node_with_cas():
+    from braid.store import KV, Conflict
+
+    class Store:
+        def __init__(self):
+            self.kvs = {}
+            self.conflicts = 1
+
+        def put(self, rec):
+            old = self.kvs.get(rec.key)
+            self.kvs[rec.key] = KV(rec.key, rec.to_json(), 1, (old.mod_revision + 1) if old else 1, 1)
+
+        def list(self, prefix):
+            return [kv for k, kv in sorted(self.kvs.items()) if k.startswith(prefix)], 9
+
+        def get(self, key):
+            return self.kvs.get(key)
+
+        def update(self, key, value, mod_revision):
+            if self.conflicts:  # someone else wrote meanwhile: re-read and retry
+                self.conflicts -= 1
+                self.kvs[key] = KV(key, self.kvs[key].value, 1, self.kvs[key].mod_revision + 1, 1)
+                raise Conflict("changed")
+            assert self.kvs[key].mod_revision == mod_revision
+            self.kvs[key] = KV(key, value, 1, mod_revision + 1, 1)
+
+    s = Store()
+    s.put(rec(0).fence("n3").fence("n1"))
+    s.put(rec(1))
+    assert X.unfence(s, ["vol1"], "n1") == 1
+    r0 = X.ExtentRecord.from_json(s.kvs[X.extent_key("vol1", 0)].value)
+    assert r0.fenced == ("n3",) and r0.generation == 4
+    assert X.unfence(s, ["vol1"], "n1") == 0      # nothing left to lift
