@@ -134,12 +134,15 @@ class Binder:
                 st = K.from_json(kv.value, NODE.status_message(), key)
                 with self._lock:
                     n = self._node(node)
+                    before = (n.cpus, n.memory_mib, n.hypervisor, n.numa_cells)
                     n.cpus = st.allocatable.cpus
                     n.memory_mib = st.allocatable.memory_bytes >> 20
                     n.hypervisor = st.hypervisor or n.hypervisor
                     n.numa_cells = st.numa_cells or 1
                     self.measured[node] = (st.cpu_used_fraction, st.capacity.cpus,
                                            st.memory_used_bytes >> 20, dict(st.vm_cpu_cores))
+                    if before == (n.cpus, n.memory_mib, n.hypervisor, n.numa_cells):
+                        return  # only measurements changed (every few seconds): nothing to re-plan
         except K.CorruptObject as exc:
             log.warning("ignoring %s", exc)
             return

@@ -35,6 +35,7 @@ from braid import extents as X
 from storage_daemon import peer as P
 from storage_daemon.extent_store import ChecksumError, DiskStore, ReplicaFile
 from storage_daemon.nbd import NbdError
+from storage_daemon.qos import VolumeQos
 
 log = logging.getLogger("braid.storaged.datapath")
 
@@ -80,6 +81,8 @@ class VolumeInfo:
     size: int
     extent_size: int
     replicas: int
+    iops: int = 0                 # QoS limits (0: none)
+    bytes_per_second: int = 0
 
 
 @dataclass
@@ -282,6 +285,7 @@ class VolumeEngine:
     def __init__(self, sn: StorageNode, info: VolumeInfo):
         self.sn = sn
         self.info = info
+        self.qos = VolumeQos(info.iops, info.bytes_per_second)
         self.read_only = False
         self._dirty_local: set[ReplicaFile] = set()
         self._dirty_peers: set[str] = set()
@@ -289,6 +293,11 @@ class VolumeEngine:
     @property
     def size(self) -> int:
         return self.info.size
+
+    def update(self, info: VolumeInfo) -> None:
+        """A new spec (grown, new QoS limits): applies to the next request."""
+        self.info = info
+        self.qos.set(info.iops, info.bytes_per_second)
 
     @property
     def description(self) -> str:
@@ -312,6 +321,8 @@ class VolumeEngine:
     # -- writes ------------------------------------------------------------------
 
     async def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        if self.qos.limited:
+            await self.qos.admit(len(data))
         idx, off = divmod(offset, self.info.extent_size)
         if off + len(data) <= self.info.extent_size:  # the common case: one extent
             return await self._mutate(idx, P.OP_WRITE, off, len(data), data, fua)
@@ -323,6 +334,8 @@ class VolumeEngine:
         await _all(jobs)
 
     async def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
+        if self.qos.limited:
+            await self.qos.admit(0)
         await _all([self._mutate(idx, P.OP_ZERO, off, n, None, fua, punch=may_trim)
                     for idx, off, n in self._pieces(offset, length)])
 
@@ -429,6 +442,8 @@ class VolumeEngine:
     # -- reads -------------------------------------------------------------------
 
     async def read(self, offset: int, length: int):
+        if self.qos.limited:
+            await self.qos.admit(length)
         idx, off = divmod(offset, self.info.extent_size)
         if off + length <= self.info.extent_size:  # the common case: one extent
             return await self._read_extent(idx, off, length)

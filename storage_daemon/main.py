@@ -242,13 +242,14 @@ class StorageDaemon:
             log.error("ignoring volume %s: %s", name, exc)
             return
         info = VolumeInfo(name, vol.metadata.uid, vol.spec.size_bytes,
-                          vol.spec.extent_size_bytes or X.DEFAULT_EXTENT_SIZE, vol.spec.replicas or 2)
+                          vol.spec.extent_size_bytes or X.DEFAULT_EXTENT_SIZE, vol.spec.replicas or 2,
+                          vol.spec.qos.iops, vol.spec.qos.bytes_per_second)
         asyncio.run_coroutine_threadsafe(self._volume_seen(info), self.loop)
 
     async def _volume_seen(self, info: VolumeInfo) -> None:
         eng = self.sn.engines.get(info.name)
         if eng is not None and eng.info.uid == info.uid:
-            eng.info = info  # resize: new size visible to the next request
+            eng.update(info)  # resize, QoS: visible to the next request
         else:
             self.sn.engines[info.name] = VolumeEngine(self.sn, info)
         try:

@@ -277,3 +277,29 @@ def test_cli_volume_create_describe_and_errors(cl):
     assert p.returncode == 2 and "bad size" in p.stderr
     p = braid("get", "volumes")
     assert p.returncode == 0 and "vcli" in p.stdout and "Healthy" in p.stdout
+
+
+def test_qos_iops_limit_is_enforced_and_settable_live(cl):
+    need_tools("fio")
+    vol = create_volume(cl, "vol-qos", 64 * MiB, extent_size=16 * MiB)
+    vol.spec.qos.iops = 200
+    vol.ClearField("status")
+    cl.api.update(vol)
+    time.sleep(1)  # the daemons' informers apply it
+
+    def iops(seconds: int) -> float:
+        out = run(["fio", "--name=q", "--ioengine=nbd", f"--uri={cl.nodes[0].unix_uri('vol-qos')}",
+                   "--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=32M", "--time_based",
+                   f"--runtime={seconds}", "--output-format=json"], timeout=120)
+        return json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]["write"]["iops"]
+    limited = iops(6)
+    # the limit holds: 200/s plus at most one second's burst over the 6 s run (+10 % for fio's clock)
+    assert 0 < limited <= 200 * 7 / 6 * 1.1, limited
+    vol = cl.api.get("volume", "vol-qos")
+    vol.spec.qos.iops = 0
+    vol.ClearField("status")
+    cl.api.update(vol)
+    time.sleep(1)
+    unlimited = iops(3)
+    print(f"\nQoS: {limited:.0f} IOPS with iops=200, {unlimited:.0f} without a limit")
+    assert unlimited > 2 * limited
