@@ -380,8 +380,14 @@ class StorageDaemon:
             async def shutdown():
                 for name in list(self.sockets):
                     await self._close_socket(name)
-                for eng in list(self.sn.engines.values()):
-                    await eng.flush()
+                # make every replica on this node durable (what this node coordinated and what
+                # peers wrote here). No engine flush: that would drop peers that are stopping
+                # with us (a cluster shutdown) from the replica sets; they sync their own disks.
+                for disk in self.disks.values():
+                    try:
+                        await asyncio.to_thread(disk.sync_all)
+                    except OSError as exc:
+                        log.error("disk %s: final sync failed: %s", disk.name, exc)
                 for client in self.sn.peers.values():
                     await client.close()
             try:
