@@ -431,7 +431,14 @@ class VolumeEngine:
             raise NbdError(errno.EIO, f"extent {rec.index} of {self.info.name}: every replica failed "
                                       f"({reason})")
         new = rec.without(lost, reason)
-        ok = await asyncio.to_thread(self.sn.etcd_cas, rec, new)
+        try:
+            ok = await asyncio.to_thread(self.sn.etcd_cas, rec, new)
+        except NbdError:
+            raise
+        except Exception as exc:  # etcd unreachable: nobody may be dropped, nothing acknowledged
+            raise NbdError(errno.EIO, f"extent {rec.index} of {self.info.name}: replica(s) "
+                                      f"{', '.join(r.node for r in lost)} failed and etcd cannot be "
+                                      f"reached to drop them ({exc}); write not acknowledged") from None
         await self.sn.refresh(self.info.name, rec.index)
         if ok:
             self.sn.counters.drops += 1

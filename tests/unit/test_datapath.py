@@ -286,3 +286,23 @@ def test_a_fenced_node_neither_writes_nor_gets_through_its_peers(tmp_path):
         assert bytes(await cl.engine("n2", n_extents=1).read(0, 4096)) == b"j" * 4096
         await cl.stop()
     run(go())
+
+
+def test_without_etcd_a_failed_replica_cannot_be_dropped_so_the_write_fails(tmp_path):
+    """The witness rule: acknowledging a write that one replica missed needs
+    the CAS that drops it; cut off from etcd, the write fails instead."""
+    async def go():
+        cl = await Cluster(tmp_path, timeout=0.3).start()
+        cl.place("v", 1, 2)   # extent 0 on n1 + n2
+        cl.servers["n2"].close()
+        cl.addresses["n2"] = "127.0.0.1:9"
+
+        def no_etcd(old, new):
+            raise ConnectionError("etcd unreachable")
+        cl.nodes["n1"].etcd_cas = no_etcd
+        with pytest.raises(NbdError) as exc:
+            await cl.engine("n1", n_extents=1).write(0, memoryview(b"k" * 4096), fua=False)
+        assert exc.value.errno == errno.EIO and "cannot be reached" in str(exc.value)
+        assert cl.etcd.recs[("v", 0)].generation == 1   # nothing dropped
+        await cl.stop()
+    run(go())
