@@ -29,6 +29,7 @@ from braid.store import AlreadyExists, Conflict, Informer, NotFound, StoreError
 from braid.v1 import node_pb2, storage_pb2
 from storage_daemon.datapath import ExtentView, StorageNode, VolumeEngine, VolumeInfo
 from storage_daemon.extent_store import DiskStore
+from storage_daemon.health import DiskHealth, probe_file
 from storage_daemon.nbd import NbdServer
 
 log = logging.getLogger("braid.storaged")
@@ -327,14 +328,21 @@ class StorageDaemon:
 
     def _report_loop(self) -> None:
         last_status = last_usage = None
+        health = {name: DiskHealth(probe_file(disk.root)) for name, disk in self.disks.items()}
         while not self._stop.wait(0 if last_status is None else self.interval):
             try:
                 status = storage_pb2.DiskPoolStatus(phase="Ready")
                 usage = {}
                 for name, disk in self.disks.items():
+                    h = health[name]
+                    h.tick()
+                    verdict, why = h.verdict()
+                    if verdict != "Healthy":
+                        log.warning("disk %s: %s (%s)", name, verdict, why)
                     u = disk.usage()
+                    # latency in 10 ms steps: a status write per change, not per probe
                     status.disks.add(name=name, capacity_bytes=u["capacity_bytes"], used_bytes=u["used_bytes"],
-                                     health="Healthy")
+                                     health=verdict, avg_latency_ms=round(h.avg_latency_ms, -1))
                     for (uid, index), allocated in disk.replica_allocations().items():
                         usage[f"{uid}/{index}"] = allocated
                 if self.disks and status != last_status:
