@@ -11,6 +11,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -339,11 +340,22 @@ def test_cancel_migration(libvirt_pair, guest):  # noqa: F811
             break
         assert th.is_alive() and time.monotonic() < deadline, (result, stats)
         time.sleep(0.1)
-    time.sleep(1)
-    stats = dom.jobStats()
-    assert stats["data_remaining"] > 0, stats
-    t_abort = time.monotonic()
-    dom.abortJob()
+    # The throttle alone once let a CI run finish the copy before the abort (the
+    # domain was gone from a). Freezing b's incoming QEMU stalls the stream for
+    # certain: the abort cannot come too late, whatever the machine's timing.
+    incoming = b.qemu_pids()
+    assert incoming, "no incoming QEMU on b while the migration streams"
+    for pid in incoming:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(1)
+        stats = dom.jobStats()
+        assert stats["data_remaining"] > 0, stats
+        t_abort = time.monotonic()
+        dom.abortJob()
+    finally:
+        for pid in incoming:
+            os.kill(pid, signal.SIGCONT)
     th.join(30)
     assert not th.is_alive() and "ok" not in result, result
     err = result["error"]

@@ -5,6 +5,9 @@ live-migrates peer-to-peer; the target agent takes the VM over."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 
 import pytest
@@ -19,10 +22,6 @@ from tests.integration.libvirt_pair import domain_states as names
 from tests.integration.libvirt_pair import read_text as text
 
 pytestmark = pytest.mark.integration
-
-
-
-
 
 
 def test_live_migration_and_cancel(libvirt_pair, etcd_server, prefix, controller, api,  # noqa: F811
@@ -74,7 +73,19 @@ def test_live_migration_and_cancel(libvirt_pair, etcd_server, prefix, controller
         wait(lambda: api.get("vm", "mover").status.migration.phase == "Running"
              and api.get("vm", "mover").status.migration.target_node == "lva", 20,
              "the migration back to start")
-        vm_cli.migrate(api, "mover", None, True, 0)
+        # a's incoming QEMU is frozen while the cancel request reaches b's agent: the
+        # stream stalls for certain, so the abort cannot come after the copy however
+        # fast this machine is (thawed after 3 s: libvirt must talk to it to tear it down)
+        incoming = wait(a.qemu_pids, 20, "the incoming QEMU on lva")
+        for pid in incoming:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            vm_cli.migrate(api, "mover", None, True, 0)
+            time.sleep(3)
+        finally:
+            for pid in incoming:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
         st = wait(lambda: (lambda s: s if s.migration.phase == "Cancelled" else None)(
             api.get("vm", "mover").status), 30, "the migration to be cancelled")
         assert "cancel" in st.migration.message.lower()
