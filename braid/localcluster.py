@@ -145,6 +145,9 @@ class LocalCluster:
                     extra = []
                     if daemon == "node-agent":
                         extra = ["--libvirt-uri", libvirt_uri, "--console-dir", str(self.data_dir / "console")]
+                    elif daemon == "netd":  # one kernel: the first node's netd serves them all
+                        extra = (["--tunnel-ip", "127.0.0.1", "--serve-nodes", ",".join(state["nodes"])]
+                                 if node == state["nodes"][0] else ["--dataplane", "off"])
                     elif daemon == "storaged":  # one directory "disk" per node; ports chosen by the kernel
                         extra = ["--disks", f"d1={self.data_dir / 'disks' / node / 'd1'}",
                                  "--peer-listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0"]

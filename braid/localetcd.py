@@ -34,9 +34,11 @@ class EtcdProcess:
     """One etcd member on loopback. ``start()`` waits until it serves."""
 
     def __init__(self, data_dir: str | Path, client_port: int = 0, peer_port: int = 0,
-                 name: str = "braid", log_path: str | Path | None = None):
+                 name: str = "braid", log_path: str | Path | None = None,
+                 host: str = "127.0.0.1"):
         self.data_dir = Path(data_dir)
-        self.client_port = client_port or free_port()
+        self.host = host  # the client address (peers stay on loopback)
+        self.client_port = client_port or free_port(host)
         self.peer_port = peer_port or free_port()
         self.name = name
         self.log_path = Path(log_path) if log_path else self.data_dir.parent / f"{name}-etcd.log"
@@ -44,10 +46,10 @@ class EtcdProcess:
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
     def command(self) -> list[str]:
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = f"http://{self.host}:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
         return [
             etcd_binary(),
@@ -83,7 +85,7 @@ class EtcdProcess:
                     f"etcd exited with {self.proc.returncode}; see {self.log_path}"
                 )
             try:
-                with socket.create_connection(("127.0.0.1", self.client_port), timeout=0.5):
+                with socket.create_connection((self.host, self.client_port), timeout=0.5):
                     pass
                 # the port answers; check it serves requests
                 out = subprocess.run(

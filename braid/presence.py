@@ -47,6 +47,7 @@ class Presence:
         self.lease: Lease | None = None
         self.registered = threading.Event()
         self.losses = 0
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -56,11 +57,22 @@ class Presence:
         self._thread.start()
         return self
 
+    def update(self, **fields) -> None:
+        """Change fields of the published DaemonStatus (e.g. a net daemon's
+        applied revision); written at once under the current lease."""
+        with self._lock:
+            for k, v in fields.items():
+                setattr(self.info, k, v)
+            lease = self.lease
+            if lease is not None and not lease.lost.is_set():
+                self.store.put(self.key, to_json(self.info), lease=lease.id)
+
     def _register(self) -> None:
         lease = Lease(self.store, self.ttl, name=f"{self.daemon}@{self.node}").start()
-        self.info.lease_id = lease.id
-        self.store.put(self.key, to_json(self.info), lease=lease.id)
-        self.lease = lease
+        with self._lock:
+            self.info.lease_id = lease.id
+            self.store.put(self.key, to_json(self.info), lease=lease.id)
+            self.lease = lease
         self.registered.set()
         log.info("registered %s on node %s (lease %x, ttl %ds)", self.daemon, self.node,
                  lease.id, self.ttl)

@@ -11,10 +11,11 @@ PYTHON=${PYTHON:-python3}
 # cloud kernel is fetched by `braid dev guest` (busybox-static, cpio for its
 # initramfs); iproute2 and procps for the tests; fio (with its nbd engine),
 # libnbd-bin (nbdinfo, nbdcopy) and qemu-utils (qemu-img, qemu-nbd) are the
-# real NBD clients of the storage tests and benchmarks.
+# real NBD clients of the storage tests and benchmarks; nftables is the net
+# daemon's firewall, iperf3 measures the overlay (bench), util-linux has nsenter.
 APT_PACKAGES=(etcd-server etcd-client libvirt-daemon-system libvirt-daemon-driver-qemu
               libvirt-clients libvirt-dev pkg-config gcc qemu-system-x86 qemu-utils
-              busybox-static cpio iproute2 procps fio libnbd-bin)
+              busybox-static cpio iproute2 procps fio libnbd-bin nftables iperf3 util-linux)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

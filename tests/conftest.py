@@ -61,12 +61,14 @@ def _wait_file(path: Path, proc, timeout: float = 20.0) -> dict:
 class DaemonProc:
     """A Braid daemon started as a real process (python -m <module>)."""
 
-    def __init__(self, module: str, args: list[str], tmp: Path, name: str):
+    def __init__(self, module: str, args: list[str], tmp: Path, name: str,
+                 wrap: list[str] = ()):
+        """``wrap``: a command prefix, e.g. nsenter into a network namespace."""
         import subprocess
         self.state_file = tmp / f"{name}.json"
         self.log = tmp / f"{name}.log"
-        self.cmd = [sys.executable, "-m", module, *args, "--state-file", str(self.state_file),
-                    "--log-format", "text"]
+        self.cmd = [*wrap, sys.executable, "-m", module, *args, "--state-file",
+                    str(self.state_file), "--log-format", "text"]
         with open(self.log, "ab") as f:
             self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT,
                                          cwd=str(ROOT), start_new_session=True)

@@ -123,15 +123,48 @@ def _docs(args) -> list[manifests.Doc]:
 def cmd_create(args) -> int:
     docs = _docs(args)
     with client(args) as c:
+        last_rev = 0
         for d in docs:
             obj = c.create(d.obj)
+            last_rev = max(last_rev, obj.metadata.resource_version)
             print(f"{d.kind.name}/{obj.metadata.name} created", flush=True)
+        _maybe_wait(c, args, {d.kind.name for d in docs}, last_rev)
     return 0
+
+
+NETWORK_KINDS = {"network", "subnet", "port", "router", "securitygroup"}
+
+
+def wait_network_applied(c, revision: int, timeout: float) -> None:
+    """Until every live net daemon reports that the cluster state of etcd
+    revision ``revision`` (or later) is live on its node."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lagging = []
+        for node in c.list("node")[0]:
+            for d in node.status.daemons:
+                if d.name == "netd" and d.live and d.tunnel_address and d.applied_revision < revision:
+                    why = f": {d.message}" if d.message else ""
+                    lagging.append(f"{node.metadata.name} (at revision {d.applied_revision}{why})")
+        if not lagging:
+            return
+        if time.monotonic() > deadline:
+            raise CliError(f"not live after {timeout:g}s on: {', '.join(lagging)} "
+                           f"(waiting for revision {revision})", 1)
+        time.sleep(0.05)
+
+
+def _maybe_wait(c, args, kinds: set[str], revision: int) -> None:
+    if getattr(args, "wait", 0) and kinds & NETWORK_KINDS and revision:
+        t0 = time.monotonic()
+        wait_network_applied(c, revision, args.wait)
+        print(f"live on every node after {time.monotonic() - t0:.2f}s (revision {revision})", flush=True)
 
 
 def cmd_apply(args) -> int:
     """Create what is missing, update what exists (retrying a lost CAS race)."""
     docs = _docs(args)
+    last_rev = 0
     with client(args) as c:
         for d in docs:
             for attempt in range(5):
@@ -141,7 +174,8 @@ def cmd_apply(args) -> int:
                     if exc.code != grpc.StatusCode.NOT_FOUND:
                         raise
                     try:
-                        c.create(d.obj)
+                        created = c.create(d.obj)
+                        last_rev = max(last_rev, created.metadata.resource_version)
                         print(f"{d.kind.name}/{d.obj.metadata.name} created", flush=True)
                         break
                     except ApiCallError as exc2:
@@ -160,7 +194,9 @@ def cmd_apply(args) -> int:
                 changed = updated.metadata.generation != current.metadata.generation or \
                     dict(updated.metadata.labels) != dict(current.metadata.labels)
                 print(f"{d.kind.name}/{d.obj.metadata.name} {'configured' if changed else 'unchanged'}")
+                last_rev = max(last_rev, updated.metadata.resource_version)
                 break
+        _maybe_wait(c, args, {d.kind.name for d in docs}, last_rev)
     return 0
 
 
@@ -174,16 +210,18 @@ def cmd_delete(args) -> int:
         kind = kind_arg(args.kind)
         targets = [(kind, n) for n in args.names]
     rc = 0
+    last_rev = 0
     with client(args) as c:
         for kind, name in targets:
             try:
-                c.delete(kind, name, args.resource_version)
+                last_rev = max(last_rev, c.delete(kind, name, args.resource_version).revision)
                 print(f"{kind.name}/{name} deleted")
             except ApiCallError as exc:
                 if exc.code == grpc.StatusCode.NOT_FOUND and args.ignore_not_found:
                     continue
                 err(str(exc))
                 rc = max(rc, EXIT_CODES.get(exc.code, 1))
+        _maybe_wait(c, args, {k.name for k, _ in targets}, last_rev)
     return rc
 
 
@@ -547,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=text)
         sp.add_argument("-f", "--filename", action="append", required=True,
                         help="manifest file (YAML/JSON; '-' for stdin); repeatable")
+        sp.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                        help="network objects: return when the change is live on every node")
         sp.set_defaults(fn=fn)
 
     sp = sub.add_parser("delete", help="delete objects by name or from manifests")
@@ -556,6 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--resource-version", type=int, default=0,
                     help="only delete if the object is still at this revision")
     sp.add_argument("--ignore-not-found", action="store_true")
+    sp.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                    help="network objects: return when the deletion is live on every node")
     sp.set_defaults(fn=cmd_delete)
 
     sp = sub.add_parser("watch", help="stream changes of a kind")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from braid.v1 import meta_pb2 as braid_dot_v1_dot_meta__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x62raid/v1/node.proto\x12\x08\x62raid.v1\x1a\x13\x62raid/v1/meta.proto\"6\n\x08NodeSpec\x12\x15\n\runschedulable\x18\x01 \x01(\x08\x12\x13\n\x0bmaintenance\x18\x02 \x01(\x08\"/\n\tResources\x12\x0c\n\x04\x63pus\x18\x01 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\"\x86\x02\n\x0c\x44\x61\x65monStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04live\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x04 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\x03\x12\x12\n\nstarted_at\x18\x07 \x01(\t\x12\x10\n\x08lease_id\x18\x08 \x01(\x03\x12\x15\n\rmigration_uri\x18\t \x01(\t\x12\r\n\x05owner\x18\n \x01(\t\x12\x14\n\x0cpeer_address\x18\x0b \x01(\t\x12\x13\n\x0bnbd_address\x18\x0c \x01(\t\x12\x16\n\x0enbd_socket_dir\x18\r \x01(\t\"\xed\x03\n\nNodeStatus\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12%\n\x08\x63\x61pacity\x18\x03 \x01(\x0b\x32\x13.braid.v1.Resources\x12(\n\x0b\x61llocatable\x18\x04 \x01(\x0b\x32\x13.braid.v1.Resources\x12&\n\tallocated\x18\x05 \x01(\x0b\x32\x13.braid.v1.Resources\x12\x12\n\nhypervisor\x18\x06 \x01(\t\x12\x12\n\nnuma_cells\x18\x07 \x01(\x05\x12\'\n\x07\x64\x61\x65mons\x18\x08 \x03(\x0b\x32\x16.braid.v1.DaemonStatus\x12\'\n\nconditions\x18\t \x03(\x0b\x32\x13.braid.v1.Condition\x12\x15\n\rregistered_at\x18\n \x01(\t\x12\x0e\n\x06kernel\x18\x0b \x01(\t\x12\x19\n\x11\x63pu_used_fraction\x18\x0c \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\r \x01(\x03\x12:\n\x0cvm_cpu_cores\x18\x0e \x03(\x0b\x32$.braid.v1.NodeStatus.VmCpuCoresEntry\x1a\x31\n\x0fVmCpuCoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"v\n\x04Node\x12&\n\x08metadata\x18\x01 \x01(\x0b\x32\x14.braid.v1.ObjectMeta\x12 \n\x04spec\x18\x02 \x01(\x0b\x32\x12.braid.v1.NodeSpec\x12$\n\x06status\x18\x03 \x01(\x0b\x32\x14.braid.v1.NodeStatus\"C\n\x08NodeList\x12\x1d\n\x05items\x18\x01 \x03(\x0b\x32\x0e.braid.v1.Node\x12\x18\n\x10resource_version\x18\x02 \x01(\x03\"`\n\tNodeEvent\x12!\n\x04type\x18\x01 \x01(\x0e\x32\x13.braid.v1.EventType\x12\x1e\n\x06object\x18\x02 \x01(\x0b\x32\x0e.braid.v1.Node\x12\x10\n\x08revision\x18\x03 \x01(\x03\x32\xb6\x02\n\x0bNodeService\x12(\n\x06\x43reate\x12\x0e.braid.v1.Node\x1a\x0e.braid.v1.Node\x12+\n\x03Get\x12\x14.braid.v1.GetRequest\x1a\x0e.braid.v1.Node\x12\x31\n\x04List\x12\x15.braid.v1.ListRequest\x1a\x12.braid.v1.NodeList\x12(\n\x06Update\x12\x0e.braid.v1.Node\x1a\x0e.braid.v1.Node\x12;\n\x06\x44\x65lete\x12\x17.braid.v1.DeleteRequest\x1a\x18.braid.v1.DeleteResponse\x12\x36\n\x05Watch\x12\x16.braid.v1.WatchRequest\x1a\x13.braid.v1.NodeEvent0\x01\x42\x12Z\x10\x62raid/v1;braidv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x62raid/v1/node.proto\x12\x08\x62raid.v1\x1a\x13\x62raid/v1/meta.proto\"6\n\x08NodeSpec\x12\x15\n\runschedulable\x18\x01 \x01(\x08\x12\x13\n\x0bmaintenance\x18\x02 \x01(\x08\"/\n\tResources\x12\x0c\n\x04\x63pus\x18\x01 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\"\xde\x02\n\x0c\x44\x61\x65monStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04live\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x04 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\x03\x12\x12\n\nstarted_at\x18\x07 \x01(\t\x12\x10\n\x08lease_id\x18\x08 \x01(\x03\x12\x15\n\rmigration_uri\x18\t \x01(\t\x12\r\n\x05owner\x18\n \x01(\t\x12\x14\n\x0cpeer_address\x18\x0b \x01(\t\x12\x13\n\x0bnbd_address\x18\x0c \x01(\t\x12\x16\n\x0enbd_socket_dir\x18\r \x01(\t\x12\x16\n\x0etunnel_address\x18\x0e \x01(\t\x12\x13\n\x0btunnel_port\x18\x0f \x01(\x05\x12\x18\n\x10\x61pplied_revision\x18\x10 \x01(\x03\x12\x0f\n\x07message\x18\x11 \x01(\t\"\xed\x03\n\nNodeStatus\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12%\n\x08\x63\x61pacity\x18\x03 \x01(\x0b\x32\x13.braid.v1.Resources\x12(\n\x0b\x61llocatable\x18\x04 \x01(\x0b\x32\x13.braid.v1.Resources\x12&\n\tallocated\x18\x05 \x01(\x0b\x32\x13.braid.v1.Resources\x12\x12\n\nhypervisor\x18\x06 \x01(\t\x12\x12\n\nnuma_cells\x18\x07 \x01(\x05\x12\'\n\x07\x64\x61\x65mons\x18\x08 \x03(\x0b\x32\x16.braid.v1.DaemonStatus\x12\'\n\nconditions\x18\t \x03(\x0b\x32\x13.braid.v1.Condition\x12\x15\n\rregistered_at\x18\n \x01(\t\x12\x0e\n\x06kernel\x18\x0b \x01(\t\x12\x19\n\x11\x63pu_used_fraction\x18\x0c \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\r \x01(\x03\x12:\n\x0cvm_cpu_cores\x18\x0e \x03(\x0b\x32$.braid.v1.NodeStatus.VmCpuCoresEntry\x1a\x31\n\x0fVmCpuCoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"v\n\x04Node\x12&\n\x08metadata\x18\x01 \x01(\x0b\x32\x14.braid.v1.ObjectMeta\x12 \n\x04spec\x18\x02 \x01(\x0b\x32\x12.braid.v1.NodeSpec\x12$\n\x06status\x18\x03 \x01(\x0b\x32\x14.braid.v1.NodeStatus\"C\n\x08NodeList\x12\x1d\n\x05items\x18\x01 \x03(\x0b\x32\x0e.braid.v1.Node\x12\x18\n\x10resource_version\x18\x02 \x01(\x03\"`\n\tNodeEvent\x12!\n\x04type\x18\x01 \x01(\x0e\x32\x13.braid.v1.EventType\x12\x1e\n\x06object\x18\x02 \x01(\x0b\x32\x0e.braid.v1.Node\x12\x10\n\x08revision\x18\x03 \x01(\x03\x32\xb6\x02\n\x0bNodeService\x12(\n\x06\x43reate\x12\x0e.braid.v1.Node\x1a\x0e.braid.v1.Node\x12+\n\x03Get\x12\x14.braid.v1.GetRequest\x1a\x0e.braid.v1.Node\x12\x31\n\x04List\x12\x15.braid.v1.ListRequest\x1a\x12.braid.v1.NodeList\x12(\n\x06Update\x12\x0e.braid.v1.Node\x1a\x0e.braid.v1.Node\x12;\n\x06\x44\x65lete\x12\x17.braid.v1.DeleteRequest\x1a\x18.braid.v1.DeleteResponse\x12\x36\n\x05Watch\x12\x16.braid.v1.WatchRequest\x1a\x13.braid.v1.NodeEvent0\x01\x42\x12Z\x10\x62raid/v1;braidv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,17 +40,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESOURCES']._serialized_start=110
   _globals['_RESOURCES']._serialized_end=157
   _globals['_DAEMONSTATUS']._serialized_start=160
-  _globals['_DAEMONSTATUS']._serialized_end=422
-  _globals['_NODESTATUS']._serialized_start=425
-  _globals['_NODESTATUS']._serialized_end=918
-  _globals['_NODESTATUS_VMCPUCORESENTRY']._serialized_start=869
-  _globals['_NODESTATUS_VMCPUCORESENTRY']._serialized_end=918
-  _globals['_NODE']._serialized_start=920
-  _globals['_NODE']._serialized_end=1038
-  _globals['_NODELIST']._serialized_start=1040
-  _globals['_NODELIST']._serialized_end=1107
-  _globals['_NODEEVENT']._serialized_start=1109
-  _globals['_NODEEVENT']._serialized_end=1205
-  _globals['_NODESERVICE']._serialized_start=1208
-  _globals['_NODESERVICE']._serialized_end=1518
+  _globals['_DAEMONSTATUS']._serialized_end=510
+  _globals['_NODESTATUS']._serialized_start=513
+  _globals['_NODESTATUS']._serialized_end=1006
+  _globals['_NODESTATUS_VMCPUCORESENTRY']._serialized_start=957
+  _globals['_NODESTATUS_VMCPUCORESENTRY']._serialized_end=1006
+  _globals['_NODE']._serialized_start=1008
+  _globals['_NODE']._serialized_end=1126
+  _globals['_NODELIST']._serialized_start=1128
+  _globals['_NODELIST']._serialized_end=1195
+  _globals['_NODEEVENT']._serialized_start=1197
+  _globals['_NODEEVENT']._serialized_end=1293
+  _globals['_NODESERVICE']._serialized_start=1296
+  _globals['_NODESERVICE']._serialized_end=1606
 # @@protoc_insertion_point(module_scope)

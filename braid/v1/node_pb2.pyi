@@ -24,7 +24,7 @@ class Resources(_message.Message):
     def __init__(self, cpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class DaemonStatus(_message.Message):
-    __slots__ = ("name", "live", "version", "grpc_address", "metrics_address", "pid", "started_at", "lease_id", "migration_uri", "owner", "peer_address", "nbd_address", "nbd_socket_dir")
+    __slots__ = ("name", "live", "version", "grpc_address", "metrics_address", "pid", "started_at", "lease_id", "migration_uri", "owner", "peer_address", "nbd_address", "nbd_socket_dir", "tunnel_address", "tunnel_port", "applied_revision", "message")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,10 @@ class DaemonStatus(_message.Message):
     PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NBD_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NBD_SOCKET_DIR_FIELD_NUMBER: _ClassVar[int]
+    TUNNEL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TUNNEL_PORT_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     live: bool
     version: str
@@ -51,7 +55,11 @@ class DaemonStatus(_message.Message):
     peer_address: str
     nbd_address: str
     nbd_socket_dir: str
-    def __init__(self, name: _Optional[str] = ..., live: _Optional[bool] = ..., version: _Optional[str] = ..., grpc_address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., pid: _Optional[int] = ..., started_at: _Optional[str] = ..., lease_id: _Optional[int] = ..., migration_uri: _Optional[str] = ..., owner: _Optional[str] = ..., peer_address: _Optional[str] = ..., nbd_address: _Optional[str] = ..., nbd_socket_dir: _Optional[str] = ...) -> None: ...
+    tunnel_address: str
+    tunnel_port: int
+    applied_revision: int
+    message: str
+    def __init__(self, name: _Optional[str] = ..., live: _Optional[bool] = ..., version: _Optional[str] = ..., grpc_address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., pid: _Optional[int] = ..., started_at: _Optional[str] = ..., lease_id: _Optional[int] = ..., migration_uri: _Optional[str] = ..., owner: _Optional[str] = ..., peer_address: _Optional[str] = ..., nbd_address: _Optional[str] = ..., nbd_socket_dir: _Optional[str] = ..., tunnel_address: _Optional[str] = ..., tunnel_port: _Optional[int] = ..., applied_revision: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
     __slots__ = ("phase", "addresses", "capacity", "allocatable", "allocated", "hypervisor", "numa_cells", "daemons", "conditions", "registered_at", "kernel", "cpu_used_fraction", "memory_used_bytes", "vm_cpu_cores")
