@@ -30,12 +30,17 @@ from braid.store import (
     Unavailable,
 )
 from braid.v1 import meta_pb2
-from controller import checks
+from controller import checks, ipam
 from controller.watchhub import KindHub, Overflow
 
 log = logging.getLogger("braid.controller.resources")
 
 MAX_SELECTOR = 1024
+
+# which code a request gets when its problems call for several (the first)
+_PRECEDENCE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+               grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED,
+               grpc.StatusCode.ABORTED)
 
 
 @dataclass
@@ -98,10 +103,25 @@ def apply_defaults(kind: K.Kind, obj: Message) -> None:
         s.extent_size_bytes = s.extent_size_bytes or 64 << 20
     elif kind.name == "network":
         s.mtu = s.mtu or 1450
+    elif kind.name == "subnet":
+        s.gateway = s.gateway or ipam.default_gateway(s.cidr)
     elif kind.name == "securitygroup":
         for r in s.rules:
             r.protocol = r.protocol or "any"
             r.ethertype = r.ethertype or "IPv4"
+
+
+def _rejected(errs: list[validation.FieldError]) -> ApiError:
+    """One ApiError for a request's problems: the code the most basic of them
+    calls for (a plain FieldError: FAILED_PRECONDITION), with the problems
+    of that code."""
+    def code(e):
+        return getattr(e, "code", grpc.StatusCode.FAILED_PRECONDITION)
+
+    first = min((code(e) for e in errs),
+                key=lambda c: _PRECEDENCE.index(c) if c in _PRECEDENCE else len(_PRECEDENCE))
+    mine = [validation.FieldError(e.field, e.description) for e in errs if code(e) == first]
+    return ApiError(first, "; ".join(str(e) for e in mine[:10]), mine)
 
 
 def _store_errors(fn):
@@ -142,8 +162,7 @@ class Resources:
     def _prerequisites(self, kind: K.Kind, obj: Message, old: Message | None) -> None:
         errs = checks.problems(self.store, kind, obj, old)
         if errs:
-            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
-                           "; ".join(str(e) for e in errs[:10]), errs)
+            raise _rejected(errs)
 
     def _name(self, name: str) -> None:
         errs = validation.Errors()
@@ -180,10 +199,17 @@ class Resources:
         md.created_at = _now()
         md.generation = 1
         try:
-            rev = self.store.create(kind.spec_key(md.name), K.encode_spec(kind, obj))
+            if kind.name == "port":  # checked, allocated and created in one transaction
+                rev = ipam.create_port(self.store, obj, lambda o: K.encode_spec(kind, o))
+            else:
+                rev = self.store.create(kind.spec_key(md.name), K.encode_spec(kind, obj))
         except AlreadyExists:
             raise ApiError(grpc.StatusCode.ALREADY_EXISTS,
                            f"{kind.name} {md.name!r} already exists") from None
+        except ipam.Rejected as exc:
+            raise _rejected(exc.violations) from None
+        except K.CorruptObject as exc:
+            raise ApiError(grpc.StatusCode.DATA_LOSS, str(exc)) from None
         if kind.name == "node":
             return self.get(kind, md.name)  # a node may already report status
         md.resource_version = md.create_revision = rev
@@ -255,6 +281,10 @@ class Resources:
             # an update without a node (e.g. re-applying a manifest) keeps the
             # scheduler's binding; moving a VM names the new node
             new.spec.node = current.spec.node
+        if kind.name == "port":
+            # re-applying a manifest without (or with the same) MAC and
+            # addresses keeps those allocated; changing them is refused
+            ipam.keep_allocations(new.spec, current.spec)
         apply_defaults(kind, new)
         self._validate(kind, new)
         self._prerequisites(kind, new, current)
@@ -276,11 +306,17 @@ class Resources:
         if kind.name == "node" and self._live(name):
             raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
                            f"node {name!r} is running daemons; stop them before deleting it")
+        blocker = checks.delete_blockers(self.store, kind, name)
+        if blocker:
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"cannot delete {kind.name} {name!r}: {blocker}")
+        # a port's addresses are released in the same transaction
+        release = ipam.owned_keys(self.store, name) if kind.name == "port" else []
         try:
             if kind.name == "node" and self.store.get(kind.spec_key(name)) is None:
                 return self.store.delete(kind.status_key(name))
             return self.store.delete(kind.spec_key(name), resource_version,
-                                     also=[kind.status_key(name)])
+                                     also=[kind.status_key(name), *release])
         except NotFound:
             raise ApiError(grpc.StatusCode.NOT_FOUND, f"{kind.name} {name!r} not found") from None
         except Conflict:

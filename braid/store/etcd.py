@@ -48,7 +48,12 @@ class Conflict(StoreError):
 
 
 class AlreadyExists(StoreError):
-    """Create of a key that exists."""
+    """Create of a key that exists. ``keys``: the keys found existing (set by
+    ``create_many``; empty when the raiser does not say)."""
+
+    def __init__(self, message: str = "", keys: Sequence[str] = ()):
+        super().__init__(message)
+        self.keys = list(keys)
 
 
 class NotFound(StoreError):
@@ -314,6 +319,35 @@ class Store:
         if not kvs:
             self._check_guards(guards)
         raise AlreadyExists(f"{key} already exists")
+
+    def create_many(self, items: dict[str, bytes], guards: Sequence[Guard] = ()) -> int:
+        """Create every key of ``items`` in one transaction, only if none of
+        them exists; AlreadyExists (naming the first existing key, all of
+        them in ``.keys``) otherwise. Returns the new revision."""
+        if not items:
+            raise ValueError("create_many needs at least one key")
+        keys = list(items)
+        cmp = [
+            etcdrpc.Compare(key=self._k(k), result=etcdrpc.Compare.EQUAL,
+                            target=etcdrpc.Compare.CREATE, create_revision=0)
+            for k in keys
+        ] + self._guards(guards)
+        resp = self._txn(cmp, [self._put_op(k, v, 0) for k, v in items.items()],
+                         [self._get_op(k) for k in keys])
+        if resp.succeeded:
+            return resp.header.revision
+        found = {k: r.response_range.kvs[0] for k, r in zip(keys, resp.responses)
+                 if r.response_range.kvs}
+        if (self._local.retried and len(found) == len(keys)
+                and all(found[k].value == items[k] and found[k].lease == 0 for k in keys)):
+            # our own write, applied before a retried transport error
+            return max(kv.mod_revision for kv in found.values())
+        if not found:
+            self._check_guards(guards)
+            raise Conflict("create_many failed")  # a guard flipped back meanwhile
+        existing = [k for k in keys if k in found]
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise AlreadyExists(f"{existing[0]} already exists{more}", keys=existing)
 
     def update(
         self, key: str, value: bytes, mod_revision: int, lease: int = 0,

@@ -82,7 +82,7 @@ SPEC_CHANGE = {
     "volume": (lambda s: setattr(s, "size_bytes", 2 << 30), lambda s: s.size_bytes, 2 << 30),
     "network": (lambda s: setattr(s, "mtu", 1400), lambda s: s.mtu, 1400),
     "subnet": (lambda s: setattr(s, "dhcp", False), lambda s: s.dhcp, False),
-    "port": (lambda s: setattr(s, "mac", "52:54:00:aa:bb:cc"), lambda s: s.mac, "52:54:00:aa:bb:cc"),
+    "port": (lambda s: setattr(s, "nic", "eth1"), lambda s: s.nic, "eth1"),  # mac/ips are fixed
     "router": (lambda s: setattr(s, "description", "changed"), lambda s: s.description, "changed"),
     "securitygroup": (lambda s: setattr(s, "description", "changed"), lambda s: s.description,
                       "changed"),
@@ -156,13 +156,30 @@ def shared(etcd_server, tmp_path_factory):
         yield c
 
 
+# what each example refers to
+DEPS = {"vm": ["volume", "network"], "subnet": ["network", "router"],
+        "router": ["network", "subnet"], "port": ["network", "subnet", "securitygroup"]}
+
+
+def dependency(kind_name: str):
+    """The example as a dependency: examples/router.yaml lists the example
+    subnet, which names the router back; the dependency drops that reference
+    (each must exist before the other refers to it)."""
+    obj = example(kind_name)
+    if kind_name == "router":
+        del obj.spec.subnets[:]
+    elif kind_name == "subnet":
+        obj.spec.router = ""
+    return obj
+
+
 @pytest.fixture
 def kind_api(shared, kind_name):
-    deps = ["volume", "network"] if kind_name == "vm" else []  # what examples/vm.yaml uses
+    deps = DEPS.get(kind_name, [])
     for dep in deps:
-        shared.api.create(example(dep))
+        shared.api.create(dependency(dep))
     yield shared.api
-    for prefix in [kind_name] + deps:
+    for prefix in [kind_name] + deps + ["ipam/ip", "ipam/mac"]:
         shared.store.delete_prefix(f"{prefix}/")  # leave nothing behind, even on failure
     assert shared.proc.proc.poll() is None, "the controller died"
 
@@ -318,6 +335,9 @@ def _watched(name: str):
     status from the volume reconciler): the watch tests count every event."""
     sg = example("securitygroup")
     sg.metadata.name = name
+    for rule in sg.spec.rules:  # the example's rule refers to its own group
+        if rule.remote_group == "web":
+            rule.remote_group = name
     return sg
 
 
@@ -568,8 +588,8 @@ def test_cluster_info_counts_objects_per_kind(api):
     assert info.cluster_name == "braid" and info.version == __version__
     assert set(info.objects) == set(K.KINDS) and not any(info.objects.values())
     last = 0
-    for name in KIND_ORDER:
-        last = api.create(example(name)).metadata.resource_version
+    for name in KIND_ORDER:  # the router before the subnet that names it
+        last = api.create(dependency(name) if name == "router" else example(name)).metadata.resource_version
     api.create(_volume("vol2"))
     info = api.info()
     expected = {name: 1 for name in K.KINDS}
