@@ -134,6 +134,8 @@ def _vm(obj, errs: Errors) -> None:
         if n.mac and not MAC_RE.match(n.mac):
             errs.add(f"{f}.mac", f"not a MAC address: {n.mac[:40]!r}")
         errs.choice(f"{f}.model", n.model, ("virtio", "e1000"))
+        for j, sg in enumerate(n.security_groups):
+            errs.name(f"{f}.security_groups[{j}]", sg)
     errs.choice("spec.boot.firmware", s.boot.firmware, ("bios", "uefi"))
     if (s.boot.initrd or s.boot.cmdline) and not s.boot.kernel:
         errs.add("spec.boot.kernel", "required when initrd or cmdline is set")

@@ -36,6 +36,7 @@ from controller.watchhub import KindHub, Overflow
 log = logging.getLogger("braid.controller.resources")
 
 MAX_SELECTOR = 1024
+VM_LABEL = "braid.io/vm"   # on ports made for a VM's NICs
 
 # which code a request gets when its problems call for several (the first)
 _PRECEDENCE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
@@ -198,11 +199,16 @@ class Resources:
         md.uid = str(uuid.uuid4())
         md.created_at = _now()
         md.generation = 1
+        if kind.name == "vm" and self.store.get(kind.spec_key(md.name)) is not None:
+            raise ApiError(grpc.StatusCode.ALREADY_EXISTS, f"vm {md.name!r} already exists")
+        made = self._nic_ports(obj, None) if kind.name == "vm" else []
+        stored = False
         try:
             if kind.name == "port":  # checked, allocated and created in one transaction
                 rev = ipam.create_port(self.store, obj, lambda o: K.encode_spec(kind, o))
             else:
                 rev = self.store.create(kind.spec_key(md.name), K.encode_spec(kind, obj))
+            stored = True
         except AlreadyExists:
             raise ApiError(grpc.StatusCode.ALREADY_EXISTS,
                            f"{kind.name} {md.name!r} already exists") from None
@@ -210,6 +216,9 @@ class Resources:
             raise _rejected(exc.violations) from None
         except K.CorruptObject as exc:
             raise ApiError(grpc.StatusCode.DATA_LOSS, str(exc)) from None
+        finally:
+            if not stored:
+                self._drop_ports(made)
         if kind.name == "node":
             return self.get(kind, md.name)  # a node may already report status
         md.resource_version = md.create_revision = rev
@@ -288,17 +297,101 @@ class Resources:
         apply_defaults(kind, new)
         self._validate(kind, new)
         self._prerequisites(kind, new, current)
+        made = self._nic_ports(new, current) if kind.name == "vm" else []
         if new.spec != current.spec:
             new.metadata.generation = current.metadata.generation + 1
         try:
             self.store.update(key, K.encode_spec(kind, new), expected)
         except Conflict:
+            self._drop_ports(made)
             raise ApiError(grpc.StatusCode.ABORTED,
                            f"{kind.name} {name!r} was modified concurrently "
                            f"(resource_version {expected} is stale): read it again and retry") from None
         except NotFound:
+            self._drop_ports(made)
             raise ApiError(grpc.StatusCode.NOT_FOUND, f"{kind.name} {name!r} not found") from None
+        except BaseException:
+            self._drop_ports(made)
+            raise
+        if kind.name == "vm":  # ports made for NICs that are gone
+            kept = {n.port for n in new.spec.nics}
+            self._drop_ports([n.port for n in current.spec.nics if n.port and n.port not in kept],
+                             owner=name)
         return self.get(kind, name)
+
+    # -- ports of VM NICs ------------------------------------------------------
+
+    def _nic_ports(self, vm: Message, old: Message | None) -> list[str]:
+        """Give every NIC on a network its port: the one it names (which must
+        be on that network and not another NIC's), the one it had, or a new
+        port ``<vm>-<nic>`` with allocated MAC and IP (labelled as the VM's,
+        deleted with it). The NIC carries the port's MAC. Returns the ports
+        made here (the caller removes them if the VM write fails)."""
+        port_kind = K.KINDS["port"]
+        had = {n.name or f"eth{i}": n for i, n in enumerate(old.spec.nics)} if old else {}
+        vm_name = vm.metadata.name
+        made: list[str] = []
+        try:
+            for i, nic in enumerate(vm.spec.nics):
+                if not nic.network:
+                    continue
+                nic_name, f = nic.name or f"eth{i}", f"spec.nics[{i}]"
+                prev = had.get(nic_name)
+                if not nic.port and prev is not None and prev.network == nic.network and prev.port:
+                    nic.port = prev.port   # re-applied manifest: keep the NIC's port
+                if not nic.port:           # a port declared for this VM's NIC is its port
+                    nic.port = self._port_of(vm_name, nic_name)
+                if nic.port:
+                    port = self._read(port_kind, nic.port)
+                    if port is None:
+                        raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"{f}.port: port {nic.port!r} does not exist",
+                                       [validation.FieldError(f"{f}.port", f"port {nic.port!r} does not exist")])
+                    owner = (port.spec.vm, port.spec.nic or "eth0")
+                    if port.spec.network != nic.network or (port.spec.vm and owner != (vm_name, nic_name)):
+                        why = (f"is on network {port.spec.network!r}" if port.spec.network != nic.network
+                               else f"belongs to vm {port.spec.vm!r} nic {port.spec.nic!r}")
+                        raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, f"{f}.port: port {nic.port!r} {why}",
+                                       [validation.FieldError(f"{f}.port", f"port {nic.port!r} {why}")])
+                    if not port.spec.vm:   # a free port: it is this NIC's now
+                        port.spec.vm, port.spec.nic = vm_name, nic_name
+                        port.ClearField("status")
+                        port = self.update(port_kind, port)
+                    nic.mac = port.spec.mac
+                    continue
+                port = port_kind.message()
+                base = f"{vm_name}-{nic_name}"
+                port.metadata.name = base if validation.NAME_RE.match(base) else f"{vm_name}-nic{i}"
+                port.metadata.labels[VM_LABEL] = vm_name
+                port.spec.network, port.spec.vm, port.spec.nic = nic.network, vm_name, nic_name
+                port.spec.mac = nic.mac
+                port.spec.security_groups.extend(nic.security_groups)
+                created = self.create(port_kind, port)
+                made.append(created.metadata.name)
+                nic.port, nic.mac = created.metadata.name, created.spec.mac
+        except BaseException:
+            self._drop_ports(made)
+            raise
+        return made
+
+    def _port_of(self, vm: str, nic: str) -> str:
+        ports, _, _ = self.list(K.KINDS["port"])
+        for p in ports:
+            if p.spec.vm == vm and (p.spec.nic or "eth0") == nic:
+                return p.metadata.name
+        return ""
+
+    def _drop_ports(self, names: list[str], owner: str = "") -> None:
+        """Delete ports made for NICs (only those labelled as ``owner``'s when given)."""
+        for name in names:
+            try:
+                if owner:
+                    port = self._read(K.KINDS["port"], name)
+                    if port is None or port.metadata.labels.get(VM_LABEL) != owner:
+                        continue
+                self.delete(K.KINDS["port"], name)
+            except ApiError as exc:
+                log.warning("port %s of a VM NIC: %s", name, exc)
 
     @_store_errors
     def delete(self, kind: K.Kind, name: str, resource_version: int = 0) -> int:
@@ -312,11 +405,20 @@ class Resources:
                            f"cannot delete {kind.name} {name!r}: {blocker}")
         # a port's addresses are released in the same transaction
         release = ipam.owned_keys(self.store, name) if kind.name == "port" else []
+        vm = None
+        if kind.name == "vm":
+            try:
+                vm = self._read(kind, name)
+            except ApiError:
+                vm = None  # garbage in etcd: delete it all the same
         try:
             if kind.name == "node" and self.store.get(kind.spec_key(name)) is None:
                 return self.store.delete(kind.status_key(name))
-            return self.store.delete(kind.spec_key(name), resource_version,
-                                     also=[kind.status_key(name), *release])
+            rev = self.store.delete(kind.spec_key(name), resource_version,
+                                    also=[kind.status_key(name), *release])
+            if vm is not None:  # the ports made for its NICs go with it
+                self._drop_ports([n.port for n in vm.spec.nics if n.port], owner=name)
+            return rev
         except NotFound:
             raise ApiError(grpc.StatusCode.NOT_FOUND, f"{kind.name} {name!r} not found") from None
         except Conflict:

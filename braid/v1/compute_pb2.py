@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from braid.v1 import meta_pb2 as braid_dot_v1_dot_meta__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62raid/v1/compute.proto\x12\x08\x62raid.v1\x1a\x13\x62raid/v1/meta.proto\"h\n\x06VMDisk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06volume\x18\x02 \x01(\t\x12\x0b\n\x03\x62us\x18\x03 \x01(\t\x12\x12\n\nboot_order\x18\x04 \x01(\x05\x12\x11\n\tread_only\x18\x05 \x01(\x08\x12\x0c\n\x04path\x18\x06 \x01(\t\"`\n\x05VMNic\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07network\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\t\x12\x0b\n\x03mac\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0e\n\x06\x62ridge\x18\x06 \x01(\t\"K\n\x06VMBoot\x12\x0e\n\x06kernel\x18\x01 \x01(\t\x12\x0e\n\x06initrd\x18\x02 \x01(\t\x12\x0f\n\x07\x63mdline\x18\x03 \x01(\t\x12\x10\n\x08\x66irmware\x18\x04 \x01(\t\"-\n\x08HAPolicy\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x10\n\x08priority\x18\x02 \x01(\x05\"\xc7\x03\n\x06VMSpec\x12\r\n\x05vcpus\x18\x01 \x01(\x05\x12\x11\n\tmax_vcpus\x18\x02 \x01(\x05\x12\x12\n\nmemory_mib\x18\x03 \x01(\x03\x12\x16\n\x0emax_memory_mib\x18\x04 \x01(\x03\x12\x1f\n\x05\x64isks\x18\x05 \x03(\x0b\x32\x10.braid.v1.VMDisk\x12\x1d\n\x04nics\x18\x06 \x03(\x0b\x32\x0f.braid.v1.VMNic\x12\x1e\n\x04\x62oot\x18\x07 \x01(\x0b\x32\x10.braid.v1.VMBoot\x12\x11\n\tcpu_model\x18\x08 \x01(\t\x12\x1e\n\x02ha\x18\t \x01(\x0b\x32\x12.braid.v1.HAPolicy\x12)\n\x0bpower_state\x18\n \x01(\x0e\x32\x14.braid.v1.PowerState\x12\x39\n\rnode_selector\x18\x0b \x03(\x0b\x32\".braid.v1.VMSpec.NodeSelectorEntry\x12\x16\n\x0e\x61\x66\x66inity_group\x18\x0c \x01(\t\x12\x1b\n\x13\x61nti_affinity_group\x18\r \x01(\t\x12\x0c\n\x04node\x18\x0e \x01(\t\x1a\x33\n\x11NodeSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x93\x01\n\x0fMigrationStatus\x12\x13\n\x0btarget_node\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x1c\n\x14\x64\x61ta_remaining_bytes\x18\x03 \x01(\x03\x12\x18\n\x10\x64\x61ta_total_bytes\x18\x04 \x01(\x03\x12\x13\n\x0b\x64owntime_ms\x18\x05 \x01(\x03\x12\x0f\n\x07message\x18\x06 \x01(\t\"\x80\x02\n\x08VMStatus\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12)\n\x0bpower_state\x18\x03 \x01(\x0e\x32\x14.braid.v1.PowerState\x12\x14\n\x0c\x63onsole_path\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12,\n\tmigration\x18\x07 \x01(\x0b\x32\x19.braid.v1.MigrationStatus\x12\x1b\n\x13observed_generation\x18\x08 \x01(\x03\x12\'\n\nconditions\x18\t \x03(\x0b\x32\x13.braid.v1.Condition\"p\n\x02VM\x12&\n\x08metadata\x18\x01 \x01(\x0b\x32\x14.braid.v1.ObjectMeta\x12\x1e\n\x04spec\x18\x02 \x01(\x0b\x32\x10.braid.v1.VMSpec\x12\"\n\x06status\x18\x03 \x01(\x0b\x32\x12.braid.v1.VMStatus\"?\n\x06VMList\x12\x1b\n\x05items\x18\x01 \x03(\x0b\x32\x0c.braid.v1.VM\x12\x18\n\x10resource_version\x18\x02 \x01(\x03\"\\\n\x07VMEvent\x12!\n\x04type\x18\x01 \x01(\x0e\x32\x13.braid.v1.EventType\x12\x1c\n\x06object\x18\x02 \x01(\x0b\x32\x0c.braid.v1.VM\x12\x10\n\x08revision\x18\x03 \x01(\x03*O\n\nPowerState\x12\x1b\n\x17POWER_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\x0b\n\x07STOPPED\x10\x02\x12\n\n\x06PAUSED\x10\x03\x32\xa6\x02\n\tVMService\x12$\n\x06\x43reate\x12\x0c.braid.v1.VM\x1a\x0c.braid.v1.VM\x12)\n\x03Get\x12\x14.braid.v1.GetRequest\x1a\x0c.braid.v1.VM\x12/\n\x04List\x12\x15.braid.v1.ListRequest\x1a\x10.braid.v1.VMList\x12$\n\x06Update\x12\x0c.braid.v1.VM\x1a\x0c.braid.v1.VM\x12;\n\x06\x44\x65lete\x12\x17.braid.v1.DeleteRequest\x1a\x18.braid.v1.DeleteResponse\x12\x34\n\x05Watch\x12\x16.braid.v1.WatchRequest\x1a\x11.braid.v1.VMEvent0\x01\x42\x12Z\x10\x62raid/v1;braidv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62raid/v1/compute.proto\x12\x08\x62raid.v1\x1a\x13\x62raid/v1/meta.proto\"h\n\x06VMDisk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06volume\x18\x02 \x01(\t\x12\x0b\n\x03\x62us\x18\x03 \x01(\t\x12\x12\n\nboot_order\x18\x04 \x01(\x05\x12\x11\n\tread_only\x18\x05 \x01(\x08\x12\x0c\n\x04path\x18\x06 \x01(\t\"y\n\x05VMNic\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07network\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\t\x12\x0b\n\x03mac\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0e\n\x06\x62ridge\x18\x06 \x01(\t\x12\x17\n\x0fsecurity_groups\x18\x07 \x03(\t\"K\n\x06VMBoot\x12\x0e\n\x06kernel\x18\x01 \x01(\t\x12\x0e\n\x06initrd\x18\x02 \x01(\t\x12\x0f\n\x07\x63mdline\x18\x03 \x01(\t\x12\x10\n\x08\x66irmware\x18\x04 \x01(\t\"-\n\x08HAPolicy\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x10\n\x08priority\x18\x02 \x01(\x05\"\xc7\x03\n\x06VMSpec\x12\r\n\x05vcpus\x18\x01 \x01(\x05\x12\x11\n\tmax_vcpus\x18\x02 \x01(\x05\x12\x12\n\nmemory_mib\x18\x03 \x01(\x03\x12\x16\n\x0emax_memory_mib\x18\x04 \x01(\x03\x12\x1f\n\x05\x64isks\x18\x05 \x03(\x0b\x32\x10.braid.v1.VMDisk\x12\x1d\n\x04nics\x18\x06 \x03(\x0b\x32\x0f.braid.v1.VMNic\x12\x1e\n\x04\x62oot\x18\x07 \x01(\x0b\x32\x10.braid.v1.VMBoot\x12\x11\n\tcpu_model\x18\x08 \x01(\t\x12\x1e\n\x02ha\x18\t \x01(\x0b\x32\x12.braid.v1.HAPolicy\x12)\n\x0bpower_state\x18\n \x01(\x0e\x32\x14.braid.v1.PowerState\x12\x39\n\rnode_selector\x18\x0b \x03(\x0b\x32\".braid.v1.VMSpec.NodeSelectorEntry\x12\x16\n\x0e\x61\x66\x66inity_group\x18\x0c \x01(\t\x12\x1b\n\x13\x61nti_affinity_group\x18\r \x01(\t\x12\x0c\n\x04node\x18\x0e \x01(\t\x1a\x33\n\x11NodeSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x93\x01\n\x0fMigrationStatus\x12\x13\n\x0btarget_node\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x1c\n\x14\x64\x61ta_remaining_bytes\x18\x03 \x01(\x03\x12\x18\n\x10\x64\x61ta_total_bytes\x18\x04 \x01(\x03\x12\x13\n\x0b\x64owntime_ms\x18\x05 \x01(\x03\x12\x0f\n\x07message\x18\x06 \x01(\t\"\x80\x02\n\x08VMStatus\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12)\n\x0bpower_state\x18\x03 \x01(\x0e\x32\x14.braid.v1.PowerState\x12\x14\n\x0c\x63onsole_path\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12,\n\tmigration\x18\x07 \x01(\x0b\x32\x19.braid.v1.MigrationStatus\x12\x1b\n\x13observed_generation\x18\x08 \x01(\x03\x12\'\n\nconditions\x18\t \x03(\x0b\x32\x13.braid.v1.Condition\"p\n\x02VM\x12&\n\x08metadata\x18\x01 \x01(\x0b\x32\x14.braid.v1.ObjectMeta\x12\x1e\n\x04spec\x18\x02 \x01(\x0b\x32\x10.braid.v1.VMSpec\x12\"\n\x06status\x18\x03 \x01(\x0b\x32\x12.braid.v1.VMStatus\"?\n\x06VMList\x12\x1b\n\x05items\x18\x01 \x03(\x0b\x32\x0c.braid.v1.VM\x12\x18\n\x10resource_version\x18\x02 \x01(\x03\"\\\n\x07VMEvent\x12!\n\x04type\x18\x01 \x01(\x0e\x32\x13.braid.v1.EventType\x12\x1c\n\x06object\x18\x02 \x01(\x0b\x32\x0c.braid.v1.VM\x12\x10\n\x08revision\x18\x03 \x01(\x03*O\n\nPowerState\x12\x1b\n\x17POWER_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\x0b\n\x07STOPPED\x10\x02\x12\n\n\x06PAUSED\x10\x03\x32\xa6\x02\n\tVMService\x12$\n\x06\x43reate\x12\x0c.braid.v1.VM\x1a\x0c.braid.v1.VM\x12)\n\x03Get\x12\x14.braid.v1.GetRequest\x1a\x0c.braid.v1.VM\x12/\n\x04List\x12\x15.braid.v1.ListRequest\x1a\x10.braid.v1.VMList\x12$\n\x06Update\x12\x0c.braid.v1.VM\x1a\x0c.braid.v1.VM\x12;\n\x06\x44\x65lete\x12\x17.braid.v1.DeleteRequest\x1a\x18.braid.v1.DeleteResponse\x12\x34\n\x05Watch\x12\x16.braid.v1.WatchRequest\x1a\x11.braid.v1.VMEvent0\x01\x42\x12Z\x10\x62raid/v1;braidv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,30 +35,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'Z\020braid/v1;braidv1'
   _globals['_VMSPEC_NODESELECTORENTRY']._loaded_options = None
   _globals['_VMSPEC_NODESELECTORENTRY']._serialized_options = b'8\001'
-  _globals['_POWERSTATE']._serialized_start=1525
-  _globals['_POWERSTATE']._serialized_end=1604
+  _globals['_POWERSTATE']._serialized_start=1550
+  _globals['_POWERSTATE']._serialized_end=1629
   _globals['_VMDISK']._serialized_start=57
   _globals['_VMDISK']._serialized_end=161
   _globals['_VMNIC']._serialized_start=163
-  _globals['_VMNIC']._serialized_end=259
-  _globals['_VMBOOT']._serialized_start=261
-  _globals['_VMBOOT']._serialized_end=336
-  _globals['_HAPOLICY']._serialized_start=338
-  _globals['_HAPOLICY']._serialized_end=383
-  _globals['_VMSPEC']._serialized_start=386
-  _globals['_VMSPEC']._serialized_end=841
-  _globals['_VMSPEC_NODESELECTORENTRY']._serialized_start=790
-  _globals['_VMSPEC_NODESELECTORENTRY']._serialized_end=841
-  _globals['_MIGRATIONSTATUS']._serialized_start=844
-  _globals['_MIGRATIONSTATUS']._serialized_end=991
-  _globals['_VMSTATUS']._serialized_start=994
-  _globals['_VMSTATUS']._serialized_end=1250
-  _globals['_VM']._serialized_start=1252
-  _globals['_VM']._serialized_end=1364
-  _globals['_VMLIST']._serialized_start=1366
-  _globals['_VMLIST']._serialized_end=1429
-  _globals['_VMEVENT']._serialized_start=1431
-  _globals['_VMEVENT']._serialized_end=1523
-  _globals['_VMSERVICE']._serialized_start=1607
-  _globals['_VMSERVICE']._serialized_end=1901
+  _globals['_VMNIC']._serialized_end=284
+  _globals['_VMBOOT']._serialized_start=286
+  _globals['_VMBOOT']._serialized_end=361
+  _globals['_HAPOLICY']._serialized_start=363
+  _globals['_HAPOLICY']._serialized_end=408
+  _globals['_VMSPEC']._serialized_start=411
+  _globals['_VMSPEC']._serialized_end=866
+  _globals['_VMSPEC_NODESELECTORENTRY']._serialized_start=815
+  _globals['_VMSPEC_NODESELECTORENTRY']._serialized_end=866
+  _globals['_MIGRATIONSTATUS']._serialized_start=869
+  _globals['_MIGRATIONSTATUS']._serialized_end=1016
+  _globals['_VMSTATUS']._serialized_start=1019
+  _globals['_VMSTATUS']._serialized_end=1275
+  _globals['_VM']._serialized_start=1277
+  _globals['_VM']._serialized_end=1389
+  _globals['_VMLIST']._serialized_start=1391
+  _globals['_VMLIST']._serialized_end=1454
+  _globals['_VMEVENT']._serialized_start=1456
+  _globals['_VMEVENT']._serialized_end=1548
+  _globals['_VMSERVICE']._serialized_start=1632
+  _globals['_VMSERVICE']._serialized_end=1926
 # @@protoc_insertion_point(module_scope)

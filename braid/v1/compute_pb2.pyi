@@ -36,20 +36,22 @@ class VMDisk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., volume: _Optional[str] = ..., bus: _Optional[str] = ..., boot_order: _Optional[int] = ..., read_only: _Optional[bool] = ..., path: _Optional[str] = ...) -> None: ...
 
 class VMNic(_message.Message):
-    __slots__ = ("name", "network", "port", "mac", "model", "bridge")
+    __slots__ = ("name", "network", "port", "mac", "model", "bridge", "security_groups")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     MAC_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BRIDGE_FIELD_NUMBER: _ClassVar[int]
+    SECURITY_GROUPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     network: str
     port: str
     mac: str
     model: str
     bridge: str
-    def __init__(self, name: _Optional[str] = ..., network: _Optional[str] = ..., port: _Optional[str] = ..., mac: _Optional[str] = ..., model: _Optional[str] = ..., bridge: _Optional[str] = ...) -> None: ...
+    security_groups: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., network: _Optional[str] = ..., port: _Optional[str] = ..., mac: _Optional[str] = ..., model: _Optional[str] = ..., bridge: _Optional[str] = ..., security_groups: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VMBoot(_message.Message):
     __slots__ = ("kernel", "initrd", "cmdline", "firmware")
