@@ -86,10 +86,15 @@ cpus() {  # count the CPUs in a range list such as 0-1,3
   IFS=$old; echo $n
 }
 mem() { awk '/^MemTotal:/ { print int($2 / 1024) }' /proc/meminfo; }
-for arg in $(cat /proc/cmdline); do  # braid.fill=N: keep N MiB of random data in RAM
-  case "$arg" in braid.fill=*)   # (gives a live migration something to copy)
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+  braid.fill=*)   # keep N MiB of random data in RAM (gives a live migration something to copy)
     n=${arg#braid.fill=}; case "$n" in ''|*[!0-9]*) n=0;; esac
     dd if=/dev/urandom of=/root/fill bs=1M count="$n" 2>/dev/null && say "filled $n MiB";;
+  braid.ping=*)   # ping an address until it answers (network tests), for up to 2 minutes
+    a=${arg#braid.ping=}
+    ( i=0; while [ $i -lt 120 ]; do
+        ping -c 1 -W 1 "$a" >/dev/null 2>&1 && { say "ping $a ok"; break; }; i=$((i + 1)); done ) &;;
   esac
 done
 c=$(cpus); m=$(mem)
@@ -115,6 +120,7 @@ case "$1" in
   deconfig) ip -4 addr flush dev "$interface" ;;
   bound|renew)
     ifconfig "$interface" "$ip" netmask "${subnet:-255.255.255.0}"
+    [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
     [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
     : > /etc/resolv.conf
     for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done

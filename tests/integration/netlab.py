@@ -133,6 +133,21 @@ class NetLab:
         self.nodes.append(node)
         return node
 
+    def attach_node(self, name: str, netns: str) -> Node:
+        """An existing namespace (e.g. a libvirt pair node) joins the underlay
+        as node ``name``: a veth ``bu0`` with the next underlay address."""
+        i = len(self.nodes) + 1
+        outer = f"bnu{self.pid % 100000}-{i}"
+        sh("ip", "link", "add", outer, "type", "veth", "peer", "name", "bu0", "netns", netns)
+        sh("ip", "link", "set", outer, "master", self.underlay, "up")
+        ip = f"{self.net}.{i}"
+        for cmd in (["ip", "addr", "add", f"{ip}/24", "dev", "bu0"], ["ip", "link", "set", "bu0", "up"],
+                    ["ip", "link", "set", "lo", "up"]):
+            sh("ip", "netns", "exec", netns, *cmd)
+        node = Node(name, netns, ip)
+        self.nodes.append(node)
+        return node
+
     def start_etcd(self) -> EtcdProcess:
         self.etcd = EtcdProcess(self.tmp / "etcd-data", log_path=self.tmp / "etcd.log",
                                 host=f"{self.net}.254").start()
