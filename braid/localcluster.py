@@ -146,7 +146,8 @@ class LocalCluster:
                     if daemon == "node-agent":
                         extra = ["--libvirt-uri", libvirt_uri, "--console-dir", str(self.data_dir / "console")]
                     elif daemon == "netd":  # one kernel: the first node's netd serves them all
-                        extra = (["--tunnel-ip", "127.0.0.1", "--serve-nodes", ",".join(state["nodes"])]
+                        extra = (["--tunnel-ip", "127.0.0.1", "--serve-nodes", ",".join(state["nodes"]),
+                                  "--cleanup-on-stop", "true"]
                                  if node == state["nodes"][0] else ["--dataplane", "off"])
                     elif daemon == "storaged":  # one directory "disk" per node; ports chosen by the kernel
                         extra = ["--disks", f"d1={self.data_dir / 'disks' / node / 'd1'}",

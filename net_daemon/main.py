@@ -39,6 +39,9 @@ OPTIONS = NODE_OPTIONS + [
                                   "(a node sharing its kernel with another node's netd)"),
     Option("serve_nodes", "", "other nodes whose ports are in this kernel too, comma-separated "
                               "(a cluster on one machine: one netd serves every node)"),
+    Option("cleanup_on_stop", False, "remove the data path when stopping (a local cluster's "
+                                     "`down`; on real nodes VMs keep their network while netd restarts)",
+           lambda v: str(v).lower() in ("1", "true", "yes", "on")),
     Option("resync_interval", 30.0, "seconds between full reconciles (drift repair)", float),
 ]
 
@@ -113,6 +116,7 @@ class NetDaemon:
     def hook(self, d, store, presence):
         self.store, self.presence = store, presence
         self.enabled = d.cfg["dataplane"] == "kernel"
+        self.cleanup = d.cfg["cleanup_on_stop"]
         self.also = frozenset(n.strip() for n in d.cfg["serve_nodes"].split(",") if n.strip()) - {self.node}
         if self.enabled:
             from net_daemon.dhcp import DhcpResponder
@@ -197,13 +201,18 @@ class NetDaemon:
         self._dhcp_ifs = set(wanted)
 
     def stop(self) -> None:
-        """The data path stays as it is: VMs keep their network while netd restarts."""
+        """The data path stays as it is (VMs keep their network while netd
+        restarts), unless --cleanup-on-stop."""
         self.informer.request_stop()
         self.controller.stop()
         self.informer.stop()
         if self.dhcp is not None:
             self.dhcp.stop()
         if self.kernel is not None:
+            if self.cleanup:
+                log.info("removing this node's data path (--cleanup-on-stop)")
+                self.kernel.remove_all()
+                firewall.remove()
             self.kernel.close()
 
 

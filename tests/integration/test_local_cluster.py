@@ -79,8 +79,11 @@ def test_cluster_up_apply_watch_down(tmp_path):
         assert vms["spec"]["vcpus"] == 1 and vms["metadata"]["labels"] == {"app": "web"}
         table = braid(data, "get", "volumes").stdout
         assert "vol1" in table and "1GiB" in table
-        again = braid(data, "apply", "-f", "examples/")
+        again = braid(data, "apply", "-f", "examples/", "--wait", "30")
         assert again.stdout.count(" unchanged") == 10
+        assert "live on every node" in again.stdout   # node1's netd serves the whole machine
+        assert "braid:br:net1" in subprocess.run(["ip", "-d", "link", "show", "br-net1"],
+                                                 capture_output=True, text=True).stdout
 
         status = braid(data, "cluster", "status")
         assert "Nodes: 3/3 Ready" in status.stdout and "Leader of scheduler" in status.stdout
@@ -106,3 +109,5 @@ def test_cluster_up_apply_watch_down(tmp_path):
         assert not Path(f"/proc/{p['pid']}").exists() or \
             Path(f"/proc/{p['pid']}/stat").read_text().split(")")[-1].split()[0] == "Z"
     assert braid(data, "get", "nodes", check=False).returncode == 5
+    # the local cluster's network data path went with it
+    assert "br-net1" not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
