@@ -129,7 +129,9 @@ def render(snap: Snapshot, ports: dict[str, LocalPort]) -> Ruleset:
         dispatch.append(f"    meta mark & 0x0000ffff == 0x{i:08x} jump eg-{name}")
         dispatch.append(f"    meta mark & 0xffff0000 == 0x{i << 16:08x} jump in-{name}")
         groups = [snap.groups[g] for g in lp.groups if g in snap.groups]
-        rules = [r for g in groups for r in g.spec.rules]
+        # a rule naming a group that does not exist (any more) allows nothing
+        rules = [r for g in groups for r in g.spec.rules
+                 if not r.remote_group or r.remote_group in snap.groups]
         ingress = [x for r in rules if r.direction == network_pb2.INGRESS
                    for x in [_rule(r, "saddr", "accept")] if x]
         egress = [x for r in rules if r.direction == network_pb2.EGRESS

@@ -21,6 +21,7 @@ import socket
 import threading
 
 from braid import kinds as K
+from braid import validation
 from braid.nodedaemon import NODE_OPTIONS, node_daemon_body, node_name
 from braid.reconcile import Controller, Result
 from braid.service import ConfigError, Option, run_main
@@ -81,9 +82,16 @@ def snapshot(kvs: list[KV]) -> tuple[M.Snapshot, list[str]]:
         if "spec" not in d:
             continue
         try:
-            targets[kind][name] = K.assemble(K.KINDS[kind], name, d["spec"], d.get("status"))
+            obj = K.assemble(K.KINDS[kind], name, d["spec"], d.get("status"))
         except K.CorruptObject as exc:
             bad.append(str(exc))
+            continue
+        # written by someone else than the API? the API's own checks decide
+        errs = validation.validate(kind, obj) if kind != "vm" else []
+        if errs:
+            bad.append(f"{kind} {name} ignored: {errs[0]}")
+            continue
+        targets[kind][name] = obj
     return snap, bad
 
 

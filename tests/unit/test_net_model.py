@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from braid.v1 import compute_pb2
+from braid.v1 import compute_pb2, node_pb2
 from braid.v1 import network_pb2 as N
 from braid.validation import MAC_RE
 from net_daemon import firewall as F
@@ -191,3 +191,32 @@ def test_one_machine_cluster_serves_every_node_from_one_daemon():
     assert all(not b.fdb and not b.flood for b in st.bridges.values())   # nothing is remote
     assert set(st.bridges) == {"br-blue", "br-green", "br-red"}
     assert s.ports["b"].spec.node == ""   # the caller's snapshot is untouched
+
+
+def test_snapshot_skips_what_does_not_decode_or_validate():
+    from braid.kinds import to_json
+    from braid.store import KV
+    from net_daemon.main import snapshot
+
+    def kv(key, msg_or_bytes):
+        value = msg_or_bytes if isinstance(msg_or_bytes, bytes) else to_json(msg_or_bytes)
+        return KV(key=key, value=value, create_revision=1, mod_revision=1, version=1, lease=0)
+
+    good = snap().ports["a"]
+    bad_ip = _port("x", "blue", "blue-a", "999.1.1.1", "02:62:00:00:00:99", node="n1")
+    st = node_pb2.DaemonStatus(name="netd", tunnel_address="192.0.2.9")
+    s, problems = snapshot([kv("port/spec/a", good), kv("port/spec/x", bad_ip),
+                            kv("port/spec/y", b"[1,2"), kv("network/spec/blue", snap().networks["blue"]),
+                            kv("node/live/n9/netd", st), kv("node/live/n8/netd", b"garbage"),
+                            kv("port/status/zz", good)])   # a status without spec: nothing
+    assert set(s.ports) == {"a"} and set(s.networks) == {"blue"} and s.tunnels == {"n9": "192.0.2.9"}
+    assert len(problems) == 3 and any("port x ignored" in p for p in problems)
+
+
+def test_rule_naming_a_missing_group_allows_nothing():
+    s = snap()
+    s.groups = {"ssh": _sg("ssh", dict(direction=N.INGRESS, protocol="tcp", port_min=22,
+                                       remote_group="gone"))}
+    s.ports["a"].spec.security_groups.append("ssh")
+    rs = F.render(s, M.desired(s, "n1").ports)
+    assert "@sg-gone" not in rs.chains and rs.chains.split("chain in-a {")[1].split("}")[0].strip().endswith("drop")
