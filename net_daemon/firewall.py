@@ -38,9 +38,11 @@ class Ruleset:
 
     @property
     def digest(self) -> str:
+        """Of the rules and the set names, not the set contents: those change
+        in place (set_update) without a new table."""
         h = hashlib.sha256(self.chains.encode() + b"\0" + self.marks.encode())
         for name in sorted(self.sets):
-            h.update(f"\0{name}={','.join(self.sets[name])}".encode())
+            h.update(f"\0{name}".encode())
         return h.hexdigest()[:16]
 
     def full_batch(self) -> str:
@@ -60,15 +62,17 @@ class Ruleset:
         body = f"type {typ}; flags interval;" + (f" elements = {{ {', '.join(elems)} }}" if elems else "")
         return f"  set {name} {{ {body} }}"
 
-    def set_update(self, old: "Ruleset") -> str | None:
+    def set_update(self, old: "Ruleset | None") -> str | None:
         """A batch that only rewrites the sets that changed, when the rules
-        are the same; None when the rules changed (use full_batch)."""
-        if (old.chains != self.chains or old.marks != self.marks
-                or old.sets.keys() != self.sets.keys()):
+        are the same; None when the rules changed (use full_batch). With
+        ``old`` None (the table in the kernel has our digest but its set
+        contents are unknown): rewrite every set."""
+        if old is not None and (old.chains != self.chains or old.marks != self.marks
+                                or old.sets.keys() != self.sets.keys()):
             return None
         lines = []
         for name in sorted(self.sets):
-            if self.sets[name] != old.sets[name]:
+            if old is None or self.sets[name] != old.sets[name]:
                 lines.append(f"flush set inet {TABLE} {name}")
                 if self.sets[name]:
                     lines.append(f"add element inet {TABLE} {name} {{ {', '.join(self.sets[name])} }}")

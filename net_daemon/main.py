@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
-import threading
 
 from braid import kinds as K
 from braid import validation
@@ -26,7 +25,6 @@ from braid.nodedaemon import NODE_OPTIONS, node_daemon_body, node_name
 from braid.reconcile import Controller, Result
 from braid.service import ConfigError, Option, run_main
 from braid.store import KV, Informer
-from braid.v1 import node_pb2
 from net_daemon import firewall
 from net_daemon import model as M
 
@@ -47,7 +45,10 @@ OPTIONS = NODE_OPTIONS + [
 ]
 
 KINDS = ("network", "subnet", "port", "router", "securitygroup")
-RELEVANT = tuple(f"{k}/" for k in KINDS) + ("vm/spec/",)
+# net/vtep/<node> -> the node's tunnel IP; not bound to the daemon's lease, so
+# a netd restarting (or down) does not cut the other nodes' traffic to its VMs
+VTEP_PREFIX = "net/vtep/"
+RELEVANT = tuple(f"{k}/" for k in KINDS) + ("vm/spec/", VTEP_PREFIX)
 
 
 def default_tunnel_ip() -> str:
@@ -68,14 +69,13 @@ def snapshot(kvs: list[KV]) -> tuple[M.Snapshot, list[str]]:
         bits = kv.key.split("/")
         if len(bits) == 3 and bits[0] in KINDS + ("vm",) and bits[1] in ("spec", "status"):
             parts.setdefault((bits[0], bits[2]), {})[bits[1]] = kv
-        elif len(bits) == 4 and bits[:2] == ["node", "live"] and bits[3] == "netd":
+        elif len(bits) == 3 and kv.key.startswith(VTEP_PREFIX):
+            addr = bytes(kv.value).decode(errors="replace")
             try:
-                st = K.from_json(kv.value, node_pb2.DaemonStatus, kv.key)
-            except K.CorruptObject as exc:
-                bad.append(str(exc))
-                continue
-            if st.tunnel_address:
-                snap.tunnels[bits[2]] = st.tunnel_address
+                socket.inet_aton(addr)
+                snap.tunnels[bits[2]] = addr
+            except OSError:
+                bad.append(f"{kv.key}: {addr[:40]!r} is not an IPv4 address")
     targets = {"network": snap.networks, "subnet": snap.subnets, "port": snap.ports,
                "router": snap.routers, "securitygroup": snap.groups, "vm": snap.vms}
     for (kind, name), d in parts.items():
@@ -101,10 +101,9 @@ class NetDaemon:
         self.dhcp = None
         self.fw: firewall.Ruleset | None = None
         self._fw_checked = False
+        self._passes = 0
         self.applied = 0
         self.message = ""
-        self._tunnels: dict[str, str] = {}
-        self._lock = threading.Lock()
 
     def presence_info(self, d, store) -> dict:
         cfg = d.cfg
@@ -135,6 +134,10 @@ class NetDaemon:
         self.controller = Controller("netd", self.reconcile, workers=1,
                                      resync_period=d.cfg["resync_interval"],
                                      list_keys=lambda: ["node"])
+        if self.enabled:
+            vtep = store.get(VTEP_PREFIX + self.node)
+            if vtep is None or bytes(vtep.value).decode(errors="replace") != self.tunnel_ip:
+                store.put(VTEP_PREFIX + self.node, self.tunnel_ip.encode())
         self.informer = Informer(store, "", self._on_change, name="netd")
         self.informer.start()
         self.informer.synced.wait(30)
@@ -144,19 +147,6 @@ class NetDaemon:
     def _on_change(self, key: str, kv: KV | None) -> None:
         if key.startswith(RELEVANT):
             self.controller.enqueue("node")
-        elif key.startswith("node/live/") and key.endswith("/netd"):
-            node = key.split("/")[2]
-            addr = ""
-            if kv is not None:
-                try:
-                    addr = K.from_json(kv.value, node_pb2.DaemonStatus, key).tunnel_address
-                except K.CorruptObject:
-                    pass
-            with self._lock:  # only a VTEP change matters (not applied revisions)
-                if self._tunnels.get(node, "") == addr:
-                    return
-                self._tunnels[node] = addr
-            self.controller.enqueue("node")
 
     def reconcile(self, key: str) -> Result | None:
         rev = self.informer.revision
@@ -165,17 +155,25 @@ class NetDaemon:
         state = M.desired(snap, self.node, self.also)
         problems = bad + state.problems
         if self.enabled:
+            before = self.kernel.changes
             problems += self.kernel.apply(state)
+            fw = "unchanged"
             try:
                 if state.ports:
-                    self._firewall(firewall.render(snap, state.ports))
+                    fw = self._firewall(firewall.render(snap, state.ports))
                 elif self.fw is not None or not self._fw_checked:
                     firewall.remove()   # no port here: no table left behind
-                    self.fw = None
+                    self.fw, fw = None, "removed"
                 self._fw_checked = True
             except (firewall.NftError, OSError) as exc:
                 problems.append(str(exc))
             self._dhcp(state)
+            changes = self.kernel.changes - before
+            if changes or fw != "unchanged" or not self._passes:
+                log.info("pass at revision %d: %d kernel changes, firewall %s, %d bridges, "
+                         "%d routers, %d local ports", rev, changes, fw, len(state.bridges),
+                         len(state.routers), len(state.ports))
+            self._passes += 1
         message = "; ".join(problems)[:2000]
         if message != self.message:
             (log.warning if message else log.info)("network state: %s", message or "converged")
@@ -184,17 +182,18 @@ class NetDaemon:
             self.applied, self.message = rev, message
         return Result(requeue_after=5.0) if problems else None
 
-    def _firewall(self, rs: firewall.Ruleset) -> None:
-        if self.fw is None:
-            if firewall.applied_digest() != rs.digest:
-                firewall.nft(rs.full_batch())
-        else:
+    def _firewall(self, rs: firewall.Ruleset) -> str:
+        """Apply; returns what it did: full | sets | unchanged."""
+        if self.fw is None and firewall.applied_digest() != rs.digest:
+            batch = None   # not ours or other rules: the whole table
+        else:   # same rules in the kernel (a restart): at most the sets
             batch = rs.set_update(self.fw)
-            if batch is None:
-                firewall.nft(rs.full_batch())
-            elif batch:
-                firewall.nft(batch)
+        if batch is None:
+            firewall.nft(rs.full_batch())
+        elif batch:
+            firewall.nft(batch)
         self.fw = rs
+        return "full" if batch is None else "sets" if batch else "unchanged"
 
     def _dhcp(self, state: M.NodeState) -> None:
         from net_daemon.dhcp import Lease

@@ -17,7 +17,7 @@ import pytest
 from braid.cli.main import wait_network_applied
 from braid.v1 import network_pb2 as N
 from net_daemon.model import gateway_mac, leg_names, port_tap
-from tests.conftest import DaemonProc, running_controller
+from tests.conftest import DaemonProc, running_controller, wait
 from tests.integration.netlab import NetLab, missing_requirements
 
 pytestmark = pytest.mark.integration
@@ -277,6 +277,30 @@ def test_dhcp_gives_the_port_its_address(env, tmp_path):
     assert lease["router"].split()[0] == "10.10.0.1"   # blue-a is on router r1
     assert lease.get("mtu") == "1450"
     print(f"\nDHCP lease through braid-netd on {env.n3.name} in {took:.2f}s")
+
+
+def test_restarted_daemon_changes_nothing_that_is_right(env):
+    """netd on n2 is stopped and started again: it reads the kernel's state and
+    its first pass makes no netlink change and keeps the firewall's rules;
+    the flows keep working across the restart."""
+    ep1, ep2 = env.lab.endpoints["ep1"], env.lab.endpoints["ep2"]
+    i = env.lab.nodes.index(env.n2)
+    old = env.netds[i]
+    old.stop()
+    assert ep1.tcp("10.10.0.12", 22) == "ep2", "the data path went away with the daemon"
+    mark = old.log.stat().st_size
+    old.state_file.unlink()   # DaemonProc waits for the new one
+    env.netds[i] = DaemonProc("net_daemon.main", old.cmd[old.cmd.index("-m") + 2:old.cmd.index("--state-file")],
+                              env.tmp, f"netd-{env.n2.name}", wrap=env.n2.nsenter)
+    new = env.netds[i]
+    wait(lambda: any(d.name == "netd" and d.live and d.pid == new.proc.pid
+                     for d in env.api.get("node", env.n2.name).status.daemons), WAIT, "netd back on n2")
+    rev = env.api.get("port", "ep2").metadata.resource_version
+    wait_network_applied(env.api, rev, WAIT)
+    new_lines = old.log.read_bytes()[mark:].decode(errors="replace").splitlines()
+    first = next(line for line in new_lines if "pass at revision" in line)
+    assert " 0 kernel changes" in first and "firewall full" not in first, first
+    assert ep1.tcp("10.10.0.12", 22) == "ep2"
 
 
 def test_delete_leaves_nothing_behind(env):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from braid.v1 import compute_pb2, node_pb2
+from braid.v1 import compute_pb2
 from braid.v1 import network_pb2 as N
 from braid.validation import MAC_RE
 from net_daemon import firewall as F
@@ -173,6 +173,8 @@ def test_membership_change_rewrites_a_set_not_the_rules():
     full = new.full_batch()
     assert full.startswith("table bridge braid\ndelete table bridge braid\ntable inet braid\n")
     assert f'comment "{new.digest}"' in full
+    assert new.digest == old.digest            # set contents are not part of it
+    assert "flush set inet braid sg-ssh-v4" in new.set_update(None)   # after a restart
 
 
 def test_port_without_groups_is_open_but_not_spoofable():
@@ -204,10 +206,9 @@ def test_snapshot_skips_what_does_not_decode_or_validate():
 
     good = snap().ports["a"]
     bad_ip = _port("x", "blue", "blue-a", "999.1.1.1", "02:62:00:00:00:99", node="n1")
-    st = node_pb2.DaemonStatus(name="netd", tunnel_address="192.0.2.9")
     s, problems = snapshot([kv("port/spec/a", good), kv("port/spec/x", bad_ip),
                             kv("port/spec/y", b"[1,2"), kv("network/spec/blue", snap().networks["blue"]),
-                            kv("node/live/n9/netd", st), kv("node/live/n8/netd", b"garbage"),
+                            kv("net/vtep/n9", b"192.0.2.9"), kv("net/vtep/n8", b"garbage"),
                             kv("port/status/zz", good)])   # a status without spec: nothing
     assert set(s.ports) == {"a"} and set(s.networks) == {"blue"} and s.tunnels == {"n9": "192.0.2.9"}
     assert len(problems) == 3 and any("port x ignored" in p for p in problems)
