@@ -283,7 +283,7 @@ def test_restarted_daemon_changes_nothing_that_is_right(env):
     """netd on n2 is stopped and started again: it reads the kernel's state and
     its first pass makes no netlink change and keeps the firewall's rules;
     the flows keep working across the restart."""
-    ep1, ep2 = env.lab.endpoints["ep1"], env.lab.endpoints["ep2"]
+    ep1 = env.lab.endpoints["ep1"]
     i = env.lab.nodes.index(env.n2)
     old = env.netds[i]
     old.stop()
