@@ -15,6 +15,7 @@ daemon in the node's network namespace with ``nsenter --net=...``, not
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -62,6 +63,19 @@ def _links(ipr) -> dict[str, Link]:
     return out
 
 
+def _by_ifindex(msgs) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for m in msgs:
+        out.setdefault(m["ifindex"], []).append(m)
+    return out
+
+
+def bridge_mac(node: str, network: str) -> str:
+    """A fixed, locally administered MAC per node and network (0a:...)."""
+    h = hashlib.sha256(f"bridge-mac\0{node}\0{network}".encode()).hexdigest()
+    return "0a:" + ":".join(h[i:i + 2] for i in range(0, 10, 2))
+
+
 def _sysctl(path: str, value: str) -> None:
     try:
         with open(path, "w") as f:
@@ -97,6 +111,9 @@ class Kernel:
         """Converge; returns problems (one bad object does not stop the rest)."""
         problems: list[str] = []
         links = _links(self.ipr)
+        # one dump of each table per pass (a per-device dump decodes them whole anyway)
+        self._fdb_dump = _by_ifindex(self.ipr.fdb("dump"))
+        self._neigh_dump = _by_ifindex(self.ipr.get_neighbours())
         for br in state.bridges.values():
             try:
                 self._bridge(br, links)
@@ -130,8 +147,11 @@ class Kernel:
             self._change()
             _sysctl(f"/proc/sys/net/ipv6/conf/{br.bridge}/disable_ipv6", "1")
             cur = _links(self.ipr)[br.bridge]
-        if cur.alias != alias or cur.mtu != br.mtu or not cur.up:
-            self.ipr.link("set", index=cur.index, ifalias=alias, mtu=br.mtu, state="up")
+        # a MAC set by us sticks: otherwise the bridge takes its lowest port's MAC
+        # as ports come and go, and each change flushes its neighbour entries
+        mac = bridge_mac(self.node, br.network)
+        if cur.alias != alias or cur.mtu != br.mtu or not cur.up or cur.mac != mac:
+            self.ipr.link("set", index=cur.index, ifalias=alias, mtu=br.mtu, state="up", address=mac)
             self._change()
         bidx = cur.index
         vx = links.get(br.vxlan)
@@ -154,17 +174,17 @@ class Kernel:
                           ifalias=f"{OWNER}vx:{br.network}")
             self.ipr.brport("set", index=vx.index, neigh_suppress=1, learning=0)
             self._change()
-        self._fdb(vx.index, br)
-        self._neigh(self.ipr, bidx, br.neigh)
         for tap in sorted(br.taps):
             t = links.get(tap)
             if t is not None and (t.master != bidx or not t.up):
                 self.ipr.link("set", index=t.index, master=bidx, state="up")
                 self._change()
+        self._fdb(vx.index, br)
+        self._neigh(self.ipr, bidx, br.neigh, self._neigh_dump.get(bidx, []))
 
     def _fdb(self, vx_index: int, br: BridgeState) -> None:
         have_self, have_master = set(), set()
-        for e in self.ipr.fdb("dump", ifindex=vx_index):
+        for e in self._fdb_dump.get(vx_index, []):
             mac, dst = e.get_attr("NDA_LLADDR"), e.get_attr("NDA_DST")
             if e.get_attr("NDA_MASTER"):
                 if e["state"] & NUD_NOARP and not e["state"] & NUD_PERMANENT:
@@ -189,9 +209,9 @@ class Kernel:
             self.ipr.fdb("replace", ifindex=vx_index, lladdr=mac, flags=NTF_MASTER, state=NUD_NOARP)
             self._change()
 
-    def _neigh(self, ipr, index: int, want: dict[str, str]) -> None:
+    def _neigh(self, ipr, index: int, want: dict[str, str], dump=None) -> None:
         have = {}
-        for n in ipr.get_neighbours(ifindex=index):
+        for n in (dump if dump is not None else ipr.get_neighbours(ifindex=index)):
             if n["state"] & NUD_PERMANENT and n.get_attr("NDA_LLADDR"):
                 have[n.get_attr("NDA_DST")] = n.get_attr("NDA_LLADDR")
         for ip in have.keys() - want.keys():
