@@ -12,7 +12,7 @@ etcd::
                                                    "generation": 4, "reason": "..."}]}
 
 ``generation`` goes up by one every time the replica set changes (a replica
-is dropped, later: added back after a rebuild). Every replication request
+is dropped; a new one starts to be rebuilt (``joining``) or joins after it). Every replication request
 carries the generation its sender believes in; a replica whose record has a
 newer generation refuses it (ESTALE), and a storage daemon that is not in
 ``replicas`` any more refuses all I/O for that extent. Records are written
@@ -27,6 +27,7 @@ answering (drop + bump) before it acks the write that needed it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 
@@ -63,6 +64,9 @@ class ExtentRecord:
     replicas: tuple[Replica, ...]
     dropped: tuple[Dropped, ...] = field(default=())
     fenced: tuple[str, ...] = field(default=())   # nodes that must not write (HA fencing)
+    # replicas being rebuilt: every write goes to them too (failing one drops it),
+    # no read comes from them; they join ``replicas`` once their copy is complete
+    joining: tuple[Replica, ...] = field(default=())
 
     @property
     def key(self) -> str:
@@ -72,24 +76,48 @@ class ExtentRecord:
         """This node's replica in the current set, if any."""
         return next((r for r in self.replicas if r.node == node), None)
 
+    def joiner(self, node: str) -> Replica | None:
+        """This node's replica being rebuilt, if any."""
+        return next((r for r in self.joining if r.node == node), None)
+
+    def writable(self, node: str) -> Replica | None:
+        """The replica on ``node`` that takes writes (member or joining)."""
+        return self.holds(node) or self.joiner(node)
+
+    def _next(self, **changes) -> "ExtentRecord":
+        return dataclasses.replace(self, generation=self.generation + 1, **changes)
+
+    def bump(self) -> "ExtentRecord":
+        """The same set at the next generation (refuses what was in flight)."""
+        return self._next()
+
     def without(self, lost: list[Replica], reason: str) -> "ExtentRecord":
-        """The next generation with ``lost`` moved from the set to ``dropped``."""
-        keep = tuple(r for r in self.replicas if r not in lost)
-        gone = tuple(Dropped(r.node, r.disk, self.generation, reason) for r in self.replicas if r in lost)
+        """The next generation with ``lost`` (members or joining) moved to ``dropped``."""
+        everyone = self.replicas + self.joining
+        gone = tuple(Dropped(r.node, r.disk, self.generation, reason) for r in everyone if r in lost)
         dropped = tuple(d for d in self.dropped if (d.node, d.disk) not in {(g.node, g.disk) for g in gone})
-        return ExtentRecord(self.volume, self.uid, self.index, self.size, self.generation + 1,
-                            keep, dropped + gone, self.fenced)
+        return self._next(replicas=tuple(r for r in self.replicas if r not in lost),
+                          joining=tuple(r for r in self.joining if r not in lost),
+                          dropped=dropped + gone)
+
+    def join(self, rep: Replica) -> "ExtentRecord":
+        """The next generation with a new replica being rebuilt on ``rep``."""
+        return self._next(joining=self.joining + (rep,))
+
+    def promote(self, rep: Replica) -> "ExtentRecord":
+        """The next generation with the rebuilt ``rep`` a member of the set."""
+        return self._next(joining=tuple(r for r in self.joining if r != rep),
+                          replicas=self.replicas + (rep,),
+                          dropped=tuple(d for d in self.dropped if (d.node, d.disk) != (rep.node, rep.disk)))
 
     def fence(self, node: str) -> "ExtentRecord":
         """The next generation with ``node`` fenced: its storage daemon no
         longer writes this extent for its VMs (in-flight writes it sends with
         the old generation are refused by the replicas)."""
-        return ExtentRecord(self.volume, self.uid, self.index, self.size, self.generation + 1,
-                            self.replicas, self.dropped, tuple(sorted({*self.fenced, node})))
+        return self._next(fenced=tuple(sorted({*self.fenced, node})))
 
     def unfence(self, node: str) -> "ExtentRecord":
-        return ExtentRecord(self.volume, self.uid, self.index, self.size, self.generation + 1,
-                            self.replicas, self.dropped, tuple(n for n in self.fenced if n != node))
+        return self._next(fenced=tuple(n for n in self.fenced if n != node))
 
     def to_json(self) -> bytes:
         return json.dumps({
@@ -99,6 +127,7 @@ class ExtentRecord:
             "dropped": [{"node": d.node, "disk": d.disk, "generation": d.generation, "reason": d.reason}
                         for d in self.dropped],
             **({"fenced": list(self.fenced)} if self.fenced else {}),
+            **({"joining": [{"node": r.node, "disk": r.disk} for r in self.joining]} if self.joining else {}),
         }, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
@@ -118,12 +147,13 @@ class ExtentRecord:
                 dropped=tuple(Dropped(_str(r, "node"), _str(r, "disk"), _int(r, "generation"),
                                       str(r.get("reason", ""))) for r in _list(d, "dropped", True)),
                 fenced=tuple(_names(d)),
+                joining=tuple(Replica(_str(r, "node"), _str(r, "disk")) for r in _list(d, "joining", True)),
             )
         except (TypeError, AttributeError) as exc:
             raise BadRecord(str(exc)) from None
         if rec.size <= 0 or rec.size % BLOCK or rec.index < 0 or rec.generation < 1:
             raise BadRecord(f"bad size/index/generation ({rec.size}, {rec.index}, {rec.generation})")
-        if len({r.node for r in rec.replicas}) != len(rec.replicas):
+        if len({r.node for r in rec.replicas + rec.joining}) != len(rec.replicas) + len(rec.joining):
             raise BadRecord("two replicas on one node")
         return rec
 
@@ -260,3 +290,31 @@ def unfence(store, volumes, node: str) -> int:
                         break
     return changed
 
+
+
+def repair(rec: ExtentRecord, policy: int, usable, disks: list[DiskCandidate]):
+    """Pure planner of one extent's repair. ``usable(replica)`` says whether a
+    member can be counted on (its storage daemon is live, or was until the
+    grace ran out, and its disk is healthy). Returns one step:
+
+    * ``("join", Replica)``: fewer usable members + joiners than ``policy``:
+      rebuild on the disk of another node (hot spares first, then the most
+      free space);
+    * ``("drop", [Replica, ...])``: once enough usable members exist, the
+      unusable ones leave the set (a bad disk is evacuated only after its
+      data lives elsewhere, never before);
+    * None: nothing to do (or nowhere to go).
+    Never plans a rebuild without a member to copy from.
+    """
+    good = [r for r in rec.replicas if usable(r)]
+    bad = [r for r in rec.replicas if not usable(r)]
+    if len(good) >= policy and bad:
+        return ("drop", bad)
+    if not rec.replicas or len(good) + len(rec.joining) >= policy:
+        return None
+    taken = {r.node for r in rec.replicas + rec.joining}
+    options = [d for d in disks if d.node not in taken and d.free_bytes >= rec.size]
+    if not options:
+        return None
+    best = min(options, key=lambda d: (not d.hot_spare, -d.free_bytes, d.node, d.disk))
+    return ("join", Replica(best.node, best.disk))

@@ -82,7 +82,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
         ("PHASE", "status.phase"))),
     _kind("volume", "Volume", "volumes", ("vol", "vols"), storage_pb2, (
         ("NAME", "metadata.name"), ("SIZE", "spec.size_bytes|bytes"),
-        ("REPLICAS", "spec.replicas"), ("PHASE", "status.phase"),
+        ("REPLICAS", "spec.replicas"), ("PHASE", "status|volphase"),
         ("ALLOCATED", "status.allocated_bytes|bytes"))),
     _kind("network", "Network", "networks", ("net", "nets"), network_pb2, (
         ("NAME", "metadata.name"), ("VNI", "status.vni"), ("MTU", "spec.mtu"),

@@ -25,6 +25,8 @@ log = logging.getLogger("braid.controller")
 OPTIONS = [
     Option("cluster_name", "braid", "name of this cluster"),
     Option("id", "", "replica id for the leader election (default: host-pid)"),
+    Option("rebuild_delay", 60.0, "seconds a storage daemon may be away before its replicas are "
+                                  "rebuilt on other nodes", float),
 ]
 
 
@@ -43,7 +45,7 @@ def body(d: Daemon):
     reconcilers: list[NetworkReconciler | VolumeReconciler] = []
 
     def elected(e: Election) -> None:
-        for r in (NetworkReconciler(store, e), VolumeReconciler(store, e)):
+        for r in (NetworkReconciler(store, e), VolumeReconciler(store, e, cfg["rebuild_delay"])):
             reconcilers.append(r)
             r.start()
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from braid import extents as X
 from braid import kinds as K
 from braid.reconcile import Controller, Result
-from braid.store import KV, AlreadyExists, Election, Informer, Store
+from braid.store import KV, AlreadyExists, Conflict, Election, Informer, NotFound, Store
 from braid.v1 import node_pb2, storage_pb2
 
 log = logging.getLogger("braid.controller.volumes")
@@ -37,7 +38,8 @@ USAGE_PREFIX = "storage/usage/"   # storage/usage/<node> -> {"<uid>/<index>": al
 
 def volume_status(vol: storage_pb2.Volume, records: dict[int, X.ExtentRecord],
                   usage: dict[str, dict[str, int]], placement_error: str,
-                  exports: list[storage_pb2.VolumeExport]) -> storage_pb2.VolumeStatus:
+                  exports: list[storage_pb2.VolumeExport],
+                  progress: dict[str, tuple[int, int]] | None = None) -> storage_pb2.VolumeStatus:
     """Pure: the status a volume should show, from its extent records."""
     want = X.extent_count(vol.spec.size_bytes, vol.spec.extent_size_bytes)
     st = storage_pb2.VolumeStatus(extents=want, observed_generation=vol.metadata.generation)
@@ -57,6 +59,16 @@ def volume_status(vol: storage_pb2.Volume, records: dict[int, X.ExtentRecord],
     elif empty:
         st.phase = "Failed"
         st.message = f"extents without any replica: {_ranges(empty)}"
+    elif any(r.joining for r in have):
+        joining = [r for r in have if r.joining]
+        done = total = 0
+        for r in joining:
+            d, t = (progress or {}).get(f"{r.volume}/{r.index}", (0, r.size))
+            done, total = done + min(d, t), total + t
+        st.phase = "Rebuilding"
+        st.rebuild_progress = done / total if total else 0.0
+        st.message = (f"rebuilding {len(joining)} of {want} extents: {st.rebuild_progress:.0%} "
+                      f"(to {', '.join(sorted({j.node for r in joining for j in r.joining}))})")
     elif short:
         st.phase = "Degraded"
         lost = sorted({d.node for r in short for d in r.dropped})
@@ -86,10 +98,18 @@ def export_uris(volume: str, live: dict[str, node_pb2.DaemonStatus]) -> list[sto
     return out
 
 
+REBUILD_PREFIX = "storage/rebuild/"   # storage/rebuild/<node> -> {"<volume>/<index>": [done, total]}
+RACE = -1.0   # _repair: a record changed under it
+
+
 class VolumeReconciler:
-    def __init__(self, store: Store, election: Election):
+    def __init__(self, store: Store, election: Election, rebuild_delay: float = 60.0):
+        """``rebuild_delay``: seconds a storage daemon may be away before its
+        replicas are rebuilt elsewhere (a restart should not trigger copies)."""
         self.store = store
         self.election = election
+        self.rebuild_delay = rebuild_delay
+        self._absent_since: dict[str, float] = {}
         self.controller = Controller("volumes", self.reconcile, workers=1, resync_period=30.0,
                                      list_keys=self._names)
         self.informers = [
@@ -98,6 +118,7 @@ class VolumeReconciler:
             Informer(store, "diskpool/", self._on_other, name="volumes-pools"),
             Informer(store, "node/live/", self._on_other, name="volumes-live"),
             Informer(store, USAGE_PREFIX, self._on_other, name="volumes-usage"),
+            Informer(store, REBUILD_PREFIX, self._on_other, name="volumes-rebuilds"),
         ]
 
     def _names(self):
@@ -170,6 +191,81 @@ class VolumeReconciler:
                     out.append(X.DiskCandidate(pool.spec.node, d.name,
                                                max(0, d.capacity_bytes - d.used_bytes), d.name in spares))
         return out
+
+    def _disk_health(self) -> dict[tuple[str, str], str]:
+        out = {}
+        for key in self.informers[2].keys():
+            if not key.startswith(POOL.status_prefix):
+                continue
+            name = key[len(POOL.status_prefix):]
+            spec_kv, status_kv = self.informers[2].get(POOL.spec_key(name)), self.informers[2].get(key)
+            if spec_kv is None or status_kv is None:
+                continue
+            try:
+                pool = K.assemble(POOL, name, spec_kv, status_kv)
+            except K.CorruptObject:
+                continue
+            for d in pool.status.disks:
+                out[(pool.spec.node, d.name)] = d.health
+        return out
+
+    def _progress(self) -> dict[str, tuple[int, int]]:
+        out = {}
+        for key in self.informers[5].keys():
+            kv = self.informers[5].get(key)
+            try:
+                for ext, (done, total) in (json.loads(kv.value) if kv else {}).items():
+                    out[str(ext)] = (int(done), int(total))
+            except (ValueError, TypeError, AttributeError):
+                log.warning("ignoring malformed %s", key)
+        return out
+
+    def _repair(self, name: str, records, policy: int, live, guard) -> float | None:
+        """Rebuild what lacks replicas, evacuate what is on lost nodes or bad
+        disks (``braid.extents.repair``). Returns when to look again (a node
+        inside its grace period), or None."""
+        now = time.monotonic()
+        for node in list(self._absent_since):
+            if node in live:
+                del self._absent_since[node]
+        health = self._disk_health()
+        wake = None
+
+        def usable(rep: X.Replica) -> bool:
+            nonlocal wake
+            if health.get((rep.node, rep.disk), "Healthy") not in ("Healthy", ""):
+                return False
+            if rep.node in live:
+                return True
+            since = self._absent_since.setdefault(rep.node, now)
+            left = self.rebuild_delay - (now - since)
+            if left > 0:
+                wake = left if wake is None else min(wake, left)
+                return True
+            return False
+
+        disks = self._candidates(live)
+        for rec, kv in records.values():
+            if kv is None:
+                continue
+            step = X.repair(rec, policy, usable, disks)
+            if step is None:
+                continue
+            if step[0] == "join":
+                new = rec.join(step[1])
+                what = f"rebuilding extent {rec.index} on {step[1].node}/{step[1].disk}"
+            else:
+                reasons = [("disk " + health.get((r.node, r.disk), "?")) if r.node in live
+                           else "storage daemon gone" for r in step[1]]
+                new = rec.without(step[1], "evacuated: " + ", ".join(
+                    f"{r.node} ({why})" for r, why in zip(step[1], reasons)))
+                what = f"extent {rec.index}: {', '.join(r.node for r in step[1])} left the set ({', '.join(reasons)})"
+            try:
+                self.store.update(rec.key, new.to_json(), kv.mod_revision, guards=[guard])
+            except (Conflict, NotFound):
+                return RACE   # the record moved meanwhile: look again
+            log.info("volume %s: %s (generation %d)", name, what, new.generation)
+        return wake
 
     def _usage(self) -> dict[str, dict[str, int]]:
         out = {}
@@ -245,9 +341,14 @@ class VolumeReconciler:
                     records[idx] = (rec, None)
                 log.info("volume %s: placed %d extents (%d replicas each)", name, len(plan),
                          vol.spec.replicas)
+        if not missing:
+            wake = self._repair(name, records, vol.spec.replicas or 2, live, guard)
+            if wake == RACE:
+                return Result(requeue_after=0.05)
+            if wake is not None:
+                retry = Result(requeue_after=min(wake + 0.1, retry.requeue_after if retry else wake + 0.1))
         status = volume_status(vol, {i: r for i, (r, _) in records.items()}, self._usage(), error,
-                               export_uris(name, live))
-        status.rebuild_progress = vol.status.rebuild_progress
+                               export_uris(name, live), self._progress())
         if status != vol.status or status_kv is None:
             self.store.put(KIND.status_key(name), K.to_json(status), guards=[guard])
         return retry

@@ -26,6 +26,7 @@ connection covers every write completed before it (multi-conn safe).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 import logging
 from dataclasses import dataclass, field
@@ -119,6 +120,9 @@ class StorageNode:
         # replicas written through the replication server since their last sync, per volume uid
         self._peer_dirty: dict[str, set[ReplicaFile]] = {}
         self._open: dict[tuple[str, int], ReplicaFile] = {}  # fast path past DiskStore.get's locks
+        # replicas being rebuilt here, by (uid, index): the ranges written to them by
+        # mirrored writes since the copy started (the copy must never overwrite those)
+        self.joins: dict[tuple[str, int], Intervals] = {}
 
     # -- shared helpers --------------------------------------------------------
 
@@ -134,7 +138,7 @@ class StorageNode:
         not ``create``). The common case (open, same generation) stays on
         the loop; creating a replica and persisting a new generation fsync,
         so they run in a worker thread."""
-        mine = rec.holds(self.node)
+        mine = rec.holds(self.node) or (rec.joiner(self.node) if create else None)
         if mine is None:
             raise NbdError(errno.ESTALE, f"{self.node} is not in the replica set of {rec.key}")
         disk = self.disks.get(mine.disk)
@@ -152,6 +156,12 @@ class StorageNode:
         if rf.meta.generation != rec.generation:
             await asyncio.to_thread(disk.set_generation, rec.uid, rec.index, rec.generation)
         return rf
+
+    def note_write(self, rec: X.ExtentRecord, offset: int, length: int) -> None:
+        """A write/zero/trim applied to this node's replica of ``rec``: if that
+        replica is being rebuilt, the copy must leave the range alone."""
+        if rec.joining and rec.joiner(self.node) is not None:
+            self.joins.setdefault((rec.uid, rec.index), Intervals()).add(offset, offset + length)
 
     def forget(self, uid: str, index: int) -> None:
         self._open.pop((uid, index), None)
@@ -234,7 +244,9 @@ class StorageNode:
                 rec = await self.refresh(name, index)
             if rec is None or rec.uid != uid:
                 return self._reply(writer, req_id, errno.ENOENT, 0, f"no extent {name}/{index}".encode())
-            if gen != rec.generation or rec.holds(self.node) is None:
+            member = rec.holds(self.node) is not None or (
+                op in (P.OP_WRITE, P.OP_ZERO, P.OP_TRIM) and rec.joiner(self.node) is not None)
+            if gen != rec.generation or not member:
                 self.counters.stale_refusals += 1
                 why = (f"generation {gen} is stale (current {rec.generation})" if gen < rec.generation
                        else f"generation {gen} unknown here (current {rec.generation})"
@@ -253,6 +265,7 @@ class StorageNode:
                 rf.write_zeroes(offset, length, punch=bool(flags & P.F_PUNCH))
             elif op == P.OP_TRIM:
                 rf.trim(offset, length)
+            self.note_write(rec, offset, length)
             if flags & P.F_FUA:
                 await asyncio.to_thread(rf.sync)
             else:
@@ -358,17 +371,19 @@ class VolumeEngine:
                     # our replica took a write the others refused: it must not be read again
                     await self._drop(rec, [(mine, NbdError(errno.EPERM, "written after fencing"))])
                 raise NbdError(errno.EPERM, f"node {self.sn.node} is fenced from volume {self.info.name}")
-            started = [(rep, self._start_one(rec, rep, op, off, n, data, fua, punch)) for rep in rec.replicas]
+            started = [(rep, self._start_one(rec, rep, op, off, n, data, fua, punch))
+                       for rep in rec.replicas + rec.joining]
             results: list = []
             for rep, f in started:  # all are in flight: wait for each
                 if f is None or isinstance(f, BaseException):
                     results.append(f)
-                    wrote_locally = wrote_locally or (f is None and rep.node == self.sn.node)
+                    wrote_locally = wrote_locally or (f is None and rep.node == self.sn.node
+                                                      and rep in rec.replicas)
                     continue
                 try:
                     await f
                     results.append(None)
-                    wrote_locally = wrote_locally or rep.node == self.sn.node
+                    wrote_locally = wrote_locally or (rep.node == self.sn.node and rep in rec.replicas)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - every failure is judged below
@@ -417,6 +432,7 @@ class VolumeEngine:
                             punch: bool) -> None:
         rf = await self.sn.replica(rec, create=True)
         _apply(rf, op, off, n, data, punch)
+        self.sn.note_write(rec, off, n)
         if fua:
             await asyncio.to_thread(rf.sync)
         else:
@@ -427,7 +443,7 @@ class VolumeEngine:
         before anything that needed them is acked."""
         lost = [rep for rep, _ in failed]
         reason = "; ".join(f"{rep.node}: {_why(exc)}" for rep, exc in failed)
-        if len(lost) == len(rec.replicas):
+        if all(rep in lost for rep in rec.replicas):
             raise NbdError(errno.EIO, f"extent {rec.index} of {self.info.name}: every replica failed "
                                       f"({reason})")
         new = rec.without(lost, reason)
@@ -520,6 +536,41 @@ class VolumeEngine:
             return [(n, NBD_STATE_HOLE | NBD_STATE_ZERO)]
         return [(ln, 0 if alloc else NBD_STATE_HOLE | NBD_STATE_ZERO)
                 for _, ln, alloc in rf.allocation(off, n)]
+
+
+class Intervals:
+    """A set of byte ranges [start, end), merged; what mirrored writes covered."""
+
+    def __init__(self):
+        self.spans: list[list[int]] = []   # sorted, disjoint, not touching
+
+    def add(self, a: int, b: int) -> None:
+        if b <= a:
+            return
+        i = bisect.bisect_left(self.spans, [a, a])
+        if i and self.spans[i - 1][1] >= a:
+            i -= 1
+        j = i
+        while j < len(self.spans) and self.spans[j][0] <= b:
+            a, b = min(a, self.spans[j][0]), max(b, self.spans[j][1])
+            j += 1
+        self.spans[i:j] = [[a, b]]
+
+    def gaps(self, a: int, b: int) -> list[tuple[int, int]]:
+        """The parts of [a, b) not covered."""
+        out, pos = [], a
+        i = bisect.bisect_left(self.spans, [a, a])
+        if i and self.spans[i - 1][1] > a:
+            i -= 1
+        for s, e in self.spans[i:]:
+            if s >= b:
+                break
+            if s > pos:
+                out.append((pos, s))
+            pos = max(pos, e)
+        if pos < b:
+            out.append((pos, b))
+        return out
 
 
 def _apply(rf: ReplicaFile, op: int, off: int, n: int, data, punch: bool) -> None:

@@ -31,6 +31,7 @@ from storage_daemon.datapath import ExtentView, StorageNode, VolumeEngine, Volum
 from storage_daemon.extent_store import DiskStore
 from storage_daemon.health import DiskHealth, probe_file
 from storage_daemon.nbd import NbdServer
+from storage_daemon.rebuild import Rebuilder
 
 log = logging.getLogger("braid.storaged")
 
@@ -49,7 +50,9 @@ OPTIONS = NODE_OPTIONS + [
     Option("peer_listen", "127.0.0.1:7410", "replication server address host:port"),
     Option("peer_timeout", 2.0, "seconds a replica may take to answer before it is dropped", float),
     Option("report_interval", 5.0, "seconds between disk usage reports", float),
+    Option("rebuild_rate", 64.0, "MiB/s this node copies for rebuilds (client I/O keeps the rest)", float),
 ]
+REBUILD_PREFIX = "storage/rebuild/"   # storage/rebuild/<node> -> {"<volume>/<index>": [done, total]}
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -122,6 +125,9 @@ class StorageDaemon:
         self.view = ExtentView()
         self.sn = StorageNode(self.node, self.disks, self.view, self._peer_address, self._etcd_get,
                               self._etcd_cas, peer_timeout=cfg["peer_timeout"])
+        if cfg["rebuild_rate"] <= 0:
+            raise ConfigError(f"rebuild_rate: {cfg['rebuild_rate']} must be > 0 (MiB/s)")
+        self.rebuilder = Rebuilder(self.sn, rate=cfg["rebuild_rate"] * (1 << 20))
         self.nbd = NbdServer(self._lookup, self._names, log=logging.getLogger("braid.storaged.nbd"))
         ready = threading.Event()
         self._loop_thread = threading.Thread(target=self._run_loop, args=(ready,), name="datapath",
@@ -228,7 +234,12 @@ class StorageDaemon:
         except X.BadRecord as exc:
             log.error("ignoring malformed extent record %s: %s", key, exc)
             return
-        self.loop.call_soon_threadsafe(self.view.put, rec, kv.mod_revision)
+        self.loop.call_soon_threadsafe(self._extent_seen, rec, kv.mod_revision)
+
+    def _extent_seen(self, rec: X.ExtentRecord, mod_revision: int) -> None:
+        self.view.put(rec, mod_revision)
+        if rec.joining:
+            self.rebuilder.poke()
 
     def _on_volume(self, key: str, kv) -> None:
         if not key.startswith(VOLUME.spec_prefix):
@@ -326,8 +337,18 @@ class StorageDaemon:
             except Conflict:
                 continue
 
+    def _report_rebuilds(self, last: dict | None) -> dict:
+        progress = {f"{v}/{i}": list(p) for (v, i), p in list(self.rebuilder.progress.items())}
+        if progress != last:
+            if progress:
+                self.store.put(REBUILD_PREFIX + self.node, json.dumps(progress, sort_keys=True).encode())
+            elif last:
+                self.store.delete(REBUILD_PREFIX + self.node)
+        return progress
+
     def _report_loop(self) -> None:
         last_status = last_usage = None
+        last_rebuild: dict | None = None
         health = {name: DiskHealth(probe_file(disk.root)) for name, disk in self.disks.items()}
         while not self._stop.wait(0 if last_status is None else self.interval):
             try:
@@ -351,6 +372,7 @@ class StorageDaemon:
                 if usage != last_usage:
                     self.store.put(USAGE_PREFIX + self.node, json.dumps(usage, sort_keys=True).encode())
                     last_usage = usage
+                last_rebuild = self._report_rebuilds(last_rebuild)
                 self._collect_garbage()
             except StoreError as exc:
                 log.warning("report: %s", exc)
@@ -358,25 +380,39 @@ class StorageDaemon:
                 log.exception("report failed")
 
     def _collect_garbage(self) -> None:
-        """Delete replicas of volumes that no extent record names any more
-        (the volume was deleted). Re-checked against a fresh etcd listing."""
-        known = set(self.view.by_uid())
-        orphans = [(disk, m) for disk in self.disks.values() for m in disk.replicas() if m.volume not in known]
-        if not orphans:
+        """Delete replicas that no extent record names any more on this node:
+        of volumes that were deleted, and abandoned ones (dropped from their
+        set: e.g. this node was away; a rebuild makes a fresh copy if one is
+        needed). Re-checked against a fresh etcd listing, deleted on the loop
+        (never one a rebuild is filling)."""
+        mine = {(r.uid, r.index) for r in list(self.view.records.values()) if r.writable(self.node)}
+        suspects = [(disk, m) for disk in self.disks.values() for m in disk.replicas()
+                    if (m.volume, m.index) not in mine]
+        if not suspects:
             return
         kvs, _ = self.store.list(X.PREFIX)
-        uids = set()
+        records = {}
         for kv in kvs:
             try:
-                uids.add(X.ExtentRecord.from_json(kv.value).uid)
+                rec = X.ExtentRecord.from_json(kv.value)
             except X.BadRecord:
                 return  # cannot be sure what is referenced: keep everything
-        for disk, m in orphans:
-            if m.volume not in uids:
-                log.info("reclaiming replica %s/%d on disk %s (its volume is gone)", m.volume, m.index,
-                         disk.name)
-                self.loop.call_soon_threadsafe(self.sn.forget, m.volume, m.index)
-                disk.delete_replica(m.volume, m.index)
+            records[(rec.uid, rec.index)] = rec
+        for disk, m in suspects:
+            rec = records.get((m.volume, m.index))
+            if rec is not None and rec.writable(self.node):
+                continue
+            why = "its volume is gone" if rec is None else f"dropped from {rec.key}"
+            if self._call(self._reclaim(disk, m.volume, m.index)):
+                log.info("reclaimed replica %s/%d on disk %s (%s)", m.volume, m.index, disk.name, why)
+
+    async def _reclaim(self, disk: DiskStore, uid: str, index: int) -> bool:
+        rec = next((r for r in self.view.records.values() if r.uid == uid and r.index == index), None)
+        if (uid, index) in self.sn.joins or (rec is not None and rec.writable(self.node)):
+            return False
+        self.sn.forget(uid, index)
+        disk.delete_replica(uid, index)
+        return True
 
     def stop(self) -> None:
         self._stop.set()

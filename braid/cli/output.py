@@ -27,6 +27,10 @@ def _field(obj: Message, path: str) -> str:
         value = getattr(value, part)
     if fmt == "bytes":
         return human_bytes(int(value))
+    if fmt == "volphase":   # a volume's status: "Rebuilding 42%"
+        if value.phase == "Rebuilding":
+            return f"Rebuilding {value.rebuild_progress:.0%}"
+        return value.phase or "-"
     if fmt == "count":
         return str(len(value))
     if fmt == "enum":

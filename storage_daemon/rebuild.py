@@ -1,0 +1,163 @@
+"""Rebuilding replicas on this node (the storage daemon's side of a rebuild).
+
+The controller adds a replica to an extent's ``joining`` list (a generation
+bump). From then on every write to the extent goes to the joining replica
+too, and fails the write's ack unless it lands there or the joiner is
+dropped (``VolumeEngine._mutate``). Here, the node that holds the joining
+replica copies the extent from a member, chunk by chunk, throttled to
+``rate`` bytes/s so client I/O keeps priority:
+
+* every chunk is read from a member *at the current generation*: a member
+  that answers has seen that generation, so it refuses writes sent with an
+  older one (those writers come back with the joiner in the set);
+* the copy never writes a range a mirrored write has covered since the copy
+  began (``StorageNode.joins``): the mirrored data is newer than what the
+  member returned, whatever the order in which they arrive;
+* all-zero chunks are not written (the new replica stays thin).
+
+When the last chunk is in, the replica is synced and joins the set by CAS
+(``promote``: generation bump). A replica file found here for a joining
+extent that this process did not start (a restart mid-copy: which writes it
+missed is unknown) is deleted and the copy starts over after a generation
+bump. Progress: ``progress[(volume, index)] = (done, total)``, reported to
+etcd by the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from braid import extents as X
+from storage_daemon import peer as P
+from storage_daemon.datapath import Intervals, StorageNode
+
+log = logging.getLogger("braid.storaged.rebuild")
+
+CHUNK = 1 << 20
+_ZERO = bytes(CHUNK)
+
+
+class Rebuilder:
+    def __init__(self, sn: StorageNode, rate: float = 64 << 20, chunk: int = CHUNK):
+        self.sn = sn
+        self.rate = rate          # bytes per second, for all copies of this node together
+        self.chunk = chunk
+        self.tasks: dict[tuple[str, int], asyncio.Task] = {}
+        self.progress: dict[tuple[str, int], tuple[int, int]] = {}
+        self.completed = 0
+        self._budget_t = time.monotonic()
+
+    def poke(self) -> None:
+        """On the loop, after the extent view changed: start a copy for every
+        extent where this node is joining and none runs yet."""
+        for rec in list(self.sn.view.records.values()):
+            key = (rec.uid, rec.index)
+            if rec.joiner(self.sn.node) is not None and key not in self.tasks:
+                t = asyncio.get_running_loop().create_task(self._run(rec.volume, rec.index, rec.uid))
+                self.tasks[key] = t
+                t.add_done_callback(lambda _t, key=key: self.tasks.pop(key, None))
+
+    async def _throttle(self, n: int) -> None:
+        """Pace all copies of this node to ``rate`` bytes/s."""
+        now = time.monotonic()
+        self._budget_t = max(self._budget_t, now) + n / self.rate
+        if self._budget_t - now > 0.001:
+            await asyncio.sleep(self._budget_t - now)
+
+    def _current(self, volume: str, index: int, uid: str) -> X.ExtentRecord | None:
+        rec = self.sn.view.get(volume, index)
+        if rec is None or rec.uid != uid or rec.joiner(self.sn.node) is None:
+            return None
+        return rec
+
+    async def _run(self, volume: str, index: int, uid: str) -> None:
+        sn, key = self.sn, (uid, index)
+        try:
+            rec = self._current(volume, index, uid)
+            if rec is None:
+                return
+            rep = rec.joiner(sn.node)
+            disk = sn.disks.get(rep.disk)
+            if disk is None:
+                log.error("rebuild of %s: disk %s is not on this node", rec.key, rep.disk)
+                return
+            if key not in sn.joins and disk.get(uid, index) is not None:
+                # a partial copy of an earlier attempt: start over, at a new generation
+                sn.forget(uid, index)
+                await asyncio.to_thread(disk.delete_replica, uid, index)
+                if await asyncio.to_thread(sn.etcd_cas, rec, rec.bump()):
+                    log.info("rebuild of %s: starting over (a partial copy was left)", rec.key)
+                await sn.refresh(volume, index)
+                return   # the new record starts the copy again
+            sn.joins.setdefault(key, Intervals())
+            log.info("rebuild of %s on %s/%s: copying %d bytes", rec.key, sn.node, rep.disk, rec.size)
+            t0, copied = time.monotonic(), 0
+            for off in range(0, rec.size, self.chunk):
+                n = min(self.chunk, rec.size - off)
+                await self._throttle(n)
+                got = await self._read(volume, index, uid, off, n)
+                if got is None:
+                    return
+                rec, data = got
+                rf = await sn.replica(rec, create=True)
+                for a, b in sn.joins.setdefault(key, Intervals()).gaps(off, off + n):
+                    piece = memoryview(data)[a - off:b - off]
+                    if piece != _ZERO[:b - a]:
+                        rf.write(a, piece)
+                        copied += b - a
+                self.progress[(volume, index)] = (off + n, rec.size)
+            rf = await sn.replica(rec, create=True)
+            await asyncio.to_thread(rf.sync)
+            while True:
+                rec = self._current(volume, index, uid)
+                if rec is None:
+                    return
+                if await asyncio.to_thread(sn.etcd_cas, rec, rec.promote(rec.joiner(sn.node))):
+                    break
+                await sn.refresh(volume, index)
+            await sn.refresh(volume, index)
+            self.completed += 1
+            took = time.monotonic() - t0
+            log.info("rebuild of %s done: %d bytes of data in %.1fs; joined at generation %d",
+                     rec.key, copied, took, rec.generation + 1)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("rebuild of %s/%d failed; retried on the next change", volume, index)
+        finally:
+            if self._current(volume, index, uid) is None:
+                sn.joins.pop(key, None)
+                self.progress.pop((volume, index), None)
+
+    async def _read(self, volume: str, index: int, uid: str, off: int, n: int):
+        """(record, data) of a chunk read from a member at the current
+        generation; None when this node no longer joins the extent."""
+        delay = 0.2
+        while True:
+            rec = self._current(volume, index, uid)
+            if rec is None:
+                return None
+            stale, errors = False, []
+            for src in rec.replicas:
+                if src.node == self.sn.node:
+                    continue
+                try:
+                    _, data = await self.sn.peer(src.node).call(
+                        P.OP_READ, volume, uid, index, rec.generation, off, n,
+                        timeout=max(10.0, 5 * self.sn.peer_timeout))
+                    return rec, data
+                except P.PeerError as exc:
+                    stale = stale or exc.stale
+                    errors.append(f"{src.node}: {exc}")
+                except (P.PeerUnavailable, asyncio.TimeoutError, OSError) as exc:
+                    errors.append(f"{src.node}: {exc or type(exc).__name__}")
+            if stale:
+                await self.sn.refresh(volume, index)
+                continue
+            log.warning("rebuild of %s/%d: no member could be read (%s); retrying",
+                        volume, index, "; ".join(errors) or "no member")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            await self.sn.refresh(volume, index)
