@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass, field
 
 PREFIX = "extent/"
@@ -52,6 +53,7 @@ class Dropped:
     disk: str
     generation: int   # the generation the replica last belonged to
     reason: str = ""
+    at: float = 0.0   # when (unix time; 0: unknown)
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,8 @@ class ExtentRecord:
     def without(self, lost: list[Replica], reason: str) -> "ExtentRecord":
         """The next generation with ``lost`` (members or joining) moved to ``dropped``."""
         everyone = self.replicas + self.joining
-        gone = tuple(Dropped(r.node, r.disk, self.generation, reason) for r in everyone if r in lost)
+        now = round(time.time(), 3)
+        gone = tuple(Dropped(r.node, r.disk, self.generation, reason, now) for r in everyone if r in lost)
         dropped = tuple(d for d in self.dropped if (d.node, d.disk) not in {(g.node, g.disk) for g in gone})
         return self._next(replicas=tuple(r for r in self.replicas if r not in lost),
                           joining=tuple(r for r in self.joining if r not in lost),
@@ -124,8 +127,8 @@ class ExtentRecord:
             "volume": self.volume, "uid": self.uid, "index": self.index, "size": self.size,
             "generation": self.generation,
             "replicas": [{"node": r.node, "disk": r.disk} for r in self.replicas],
-            "dropped": [{"node": d.node, "disk": d.disk, "generation": d.generation, "reason": d.reason}
-                        for d in self.dropped],
+            "dropped": [{"node": d.node, "disk": d.disk, "generation": d.generation, "reason": d.reason,
+                         **({"at": d.at} if d.at else {})} for d in self.dropped],
             **({"fenced": list(self.fenced)} if self.fenced else {}),
             **({"joining": [{"node": r.node, "disk": r.disk} for r in self.joining]} if self.joining else {}),
         }, separators=(",", ":"), sort_keys=True).encode()
@@ -145,7 +148,8 @@ class ExtentRecord:
                 size=_int(d, "size"), generation=_int(d, "generation"),
                 replicas=tuple(Replica(_str(r, "node"), _str(r, "disk")) for r in _list(d, "replicas")),
                 dropped=tuple(Dropped(_str(r, "node"), _str(r, "disk"), _int(r, "generation"),
-                                      str(r.get("reason", ""))) for r in _list(d, "dropped", True)),
+                                      str(r.get("reason", "")), _time(r))
+                              for r in _list(d, "dropped", True)),
                 fenced=tuple(_names(d)),
                 joining=tuple(Replica(_str(r, "node"), _str(r, "disk")) for r in _list(d, "joining", True)),
             )
@@ -163,6 +167,13 @@ def _str(d, key: str) -> str:
     if not isinstance(v, str) or not v:
         raise BadRecord(f"field {key!r} must be a non-empty string")
     return v
+
+
+def _time(d) -> float:
+    v = d.get("at", 0.0) if isinstance(d, dict) else 0.0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise BadRecord("field 'at' must be a non-negative number")
+    return float(v)
 
 
 def _names(d) -> list[str]:
@@ -292,14 +303,20 @@ def unfence(store, volumes, node: str) -> int:
 
 
 
-def repair(rec: ExtentRecord, policy: int, usable, disks: list[DiskCandidate]):
+DROP_COOLDOWN = 60.0   # seconds a node dropped from an extent is not chosen to rebuild it
+
+
+def repair(rec: ExtentRecord, policy: int, usable, disks: list[DiskCandidate],
+           now: float = 0.0, cooldown: float = DROP_COOLDOWN):
     """Pure planner of one extent's repair. ``usable(replica)`` says whether a
     member can be counted on (its storage daemon is live, or was until the
     grace ran out, and its disk is healthy). Returns one step:
 
     * ``("join", Replica)``: fewer usable members + joiners than ``policy``:
       rebuild on the disk of another node (hot spares first, then the most
-      free space);
+      free space), not on a node dropped from this extent less than
+      ``cooldown`` seconds before ``now`` (its lease may outlive it: choosing
+      it again would only be dropped again by the next write);
     * ``("drop", [Replica, ...])``: once enough usable members exist, the
       unusable ones leave the set (a bad disk is evacuated only after its
       data lives elsewhere, never before);
@@ -313,6 +330,7 @@ def repair(rec: ExtentRecord, policy: int, usable, disks: list[DiskCandidate]):
     if not rec.replicas or len(good) + len(rec.joining) >= policy:
         return None
     taken = {r.node for r in rec.replicas + rec.joining}
+    taken |= {d.node for d in rec.dropped if d.at and now - d.at < cooldown}
     options = [d for d in disks if d.node not in taken and d.free_bytes >= rec.size]
     if not options:
         return None

@@ -248,7 +248,7 @@ class VolumeReconciler:
         for rec, kv in records.values():
             if kv is None:
                 continue
-            step = X.repair(rec, policy, usable, disks)
+            step = X.repair(rec, policy, usable, disks, now=time.time())
             if step is None:
                 continue
             if step[0] == "join":

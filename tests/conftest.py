@@ -120,14 +120,14 @@ def raw_store(etcd_server, prefix):
 
 
 @contextlib.contextmanager
-def running_controller(etcd, tmp: Path, name: str):
+def running_controller(etcd, tmp: Path, name: str, extra: list[str] = ()):
     """A controller process on its own prefix, with a client and a store;
     for module-scoped fixtures (a controller start + SIGTERM costs ~1 s)."""
     from types import SimpleNamespace
 
     from braid.client import Client
     prefix = f"/braid-test-{os.getpid()}-{name}/"
-    proc = DaemonProc("controller.main", ["--etcd", etcd.endpoint, "--prefix", prefix], tmp,
+    proc = DaemonProc("controller.main", ["--etcd", etcd.endpoint, "--prefix", prefix, *extra], tmp,
                       "controller")
     api = Client(proc.address)
     store = Store(etcd.endpoint, prefix=prefix)

@@ -63,8 +63,9 @@ class StorageNodeProc:
 
 
 @contextlib.contextmanager
-def storage_cluster(etcd, tmp: Path, name: str, nodes: int = 3, peer_timeout: float = 1.0):
-    with running_controller(etcd, tmp, name) as ctl:
+def storage_cluster(etcd, tmp: Path, name: str, nodes: int = 3, peer_timeout: float = 1.0,
+                    rebuild_delay: float = 5.0):
+    with running_controller(etcd, tmp, name, ["--rebuild-delay", str(rebuild_delay)]) as ctl:
         members = [StorageNodeProc(ctl, f"{name}-s{i}", tmp, etcd, ctl.prefix, peer_timeout)
                    for i in range(1, nodes + 1)]
         try:

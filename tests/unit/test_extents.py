@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 
 import pytest
 
@@ -55,7 +56,8 @@ def test_without_bumps_generation_and_remembers_the_dropped():
     d = r.without([X.Replica("n2", "d1")], "no answer")
     assert d.generation == 5
     assert [x.node for x in d.replicas] == ["n1", "n3"]
-    assert d.dropped == (X.Dropped("n2", "d1", 4, "no answer"),)
+    assert d.dropped == (X.Dropped("n2", "d1", 4, "no answer", d.dropped[0].at),)
+    assert abs(d.dropped[0].at - time.time()) < 60
     assert d.holds("n2") is None and d.holds("n1") == X.Replica("n1", "d1")
     # dropping it again later replaces the old entry (one per replica)
     assert len(d.without([X.Replica("n3", "d1")], "x").dropped) == 2

@@ -199,3 +199,13 @@ def test_volume_status_shows_rebuild_progress():
     assert _field(vol, "status|volphase") == "Rebuilding 25%"
     st = volume_status(vol, {0: a.promote(R("n3", "d1")), 1: b}, {}, "", [], {})
     assert st.phase == "Healthy" and st.rebuild_progress == 0
+
+
+def test_a_node_just_dropped_is_not_chosen_again():
+    d = [X.DiskCandidate("n2", "d1", 50 * ES), X.DiskCandidate("n3", "d1", 10 * ES)]
+    rec = X.ExtentRecord("v", UID, 0, ES, 1, (R("n1", "d1"), R("n2", "d1"))).without([R("n2", "d1")], "dead")
+    at = rec.dropped[-1].at
+    assert at > 0 and X.ExtentRecord.from_json(rec.to_json()) == rec
+    assert X.repair(rec, 2, lambda r: True, d, now=at + 1) == ("join", R("n3", "d1"))
+    assert X.repair(rec, 2, lambda r: True, d[:1], now=at + 1) is None
+    assert X.repair(rec, 2, lambda r: True, d, now=at + X.DROP_COOLDOWN + 1) == ("join", R("n2", "d1"))
