@@ -123,6 +123,7 @@ class StorageNode:
         # replicas being rebuilt here, by (uid, index): the ranges written to them by
         # mirrored writes since the copy started (the copy must never overwrite those)
         self.joins: dict[tuple[str, int], Intervals] = {}
+        self.writes: dict[tuple[str, int], int] = {}   # local writes per replica (uid, index)
 
     # -- shared helpers --------------------------------------------------------
 
@@ -158,8 +159,11 @@ class StorageNode:
         return rf
 
     def note_write(self, rec: X.ExtentRecord, offset: int, length: int) -> None:
-        """A write/zero/trim applied to this node's replica of ``rec``: if that
+        """A write/zero/trim applied to this node's replica of ``rec``: counted
+        (a scrub repair must not overwrite what came meanwhile), and if that
         replica is being rebuilt, the copy must leave the range alone."""
+        key = (rec.uid, rec.index)
+        self.writes[key] = self.writes.get(key, 0) + 1
         if rec.joining and rec.joiner(self.node) is not None:
             self.joins.setdefault((rec.uid, rec.index), Intervals()).add(offset, offset + length)
 
@@ -207,6 +211,7 @@ class StorageNode:
                     try:
                         if op == P.OP_WRITE:
                             rf.write(offset, memoryview(payload))
+                            self.note_write(rec, offset, length)
                             self._peer_dirty.setdefault(uid, set()).add(rf)
                             self._reply(out, req_id, 0, gen)
                         else:
@@ -415,6 +420,7 @@ class VolumeEngine:
                 if rf is None:
                     return asyncio.ensure_future(self._mutate_local(rec, op, off, n, data, fua, punch))
                 _apply(rf, op, off, n, data, punch)
+                self.sn.note_write(rec, off, n)
                 self._dirty_local.add(rf)
                 return None
             flags = (P.F_FUA if fua else 0) | (P.F_PUNCH if punch else 0)

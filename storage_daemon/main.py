@@ -32,6 +32,7 @@ from storage_daemon.extent_store import DiskStore
 from storage_daemon.health import DiskHealth, probe_file
 from storage_daemon.nbd import NbdServer
 from storage_daemon.rebuild import Rebuilder
+from storage_daemon.scrub import Scrubber
 
 log = logging.getLogger("braid.storaged")
 
@@ -51,6 +52,9 @@ OPTIONS = NODE_OPTIONS + [
     Option("peer_timeout", 2.0, "seconds a replica may take to answer before it is dropped", float),
     Option("report_interval", 5.0, "seconds between disk usage reports", float),
     Option("rebuild_rate", 64.0, "MiB/s this node copies for rebuilds (client I/O keeps the rest)", float),
+    Option("scrub_interval", 86400.0, "seconds between scrub passes over this node's replicas (0: never)",
+           float),
+    Option("scrub_rate", 16.0, "MiB/s a scrub pass reads", float),
 ]
 REBUILD_PREFIX = "storage/rebuild/"   # storage/rebuild/<node> -> {"<volume>/<index>": [done, total]}
 
@@ -128,6 +132,11 @@ class StorageDaemon:
         if cfg["rebuild_rate"] <= 0:
             raise ConfigError(f"rebuild_rate: {cfg['rebuild_rate']} must be > 0 (MiB/s)")
         self.rebuilder = Rebuilder(self.sn, rate=cfg["rebuild_rate"] * (1 << 20))
+        if cfg["scrub_interval"] < 0 or cfg["scrub_rate"] <= 0:
+            raise ConfigError("scrub_interval must be >= 0 (0: off) and scrub_rate > 0")
+        self.scrubber = Scrubber(self.sn, rate=cfg["scrub_rate"] * (1 << 20),
+                                 interval=cfg["scrub_interval"] or 86400.0)
+        self.scrub_on = cfg["scrub_interval"] > 0
         self.nbd = NbdServer(self._lookup, self._names, log=logging.getLogger("braid.storaged.nbd"))
         ready = threading.Event()
         self._loop_thread = threading.Thread(target=self._run_loop, args=(ready,), name="datapath",
@@ -297,6 +306,8 @@ class StorageDaemon:
             inf.synced.wait(30)
         self.informers.append(Informer(store, "volume/spec/", self._on_volume,
                                        name="storaged-volumes").start())
+        if self.scrub_on:
+            self._scrub_task = asyncio.run_coroutine_threadsafe(self.scrubber.run_forever(), self.loop)
         self._reporter = threading.Thread(target=self._report_loop, name="storaged-report", daemon=True)
         self._reporter.start()
         return self.stop
@@ -337,6 +348,10 @@ class StorageDaemon:
             except Conflict:
                 continue
 
+    async def _scrub_status(self) -> storage_pb2.ScrubStatus:
+        return storage_pb2.ScrubStatus(**{f.name: getattr(self.scrubber.status, f.name)
+                                          for f in storage_pb2.ScrubStatus.DESCRIPTOR.fields})
+
     def _report_rebuilds(self, last: dict | None) -> dict:
         progress = {f"{v}/{i}": list(p) for (v, i), p in list(self.rebuilder.progress.items())}
         if progress != last:
@@ -366,6 +381,7 @@ class StorageDaemon:
                                      health=verdict, avg_latency_ms=round(h.avg_latency_ms, -1))
                     for (uid, index), allocated in disk.replica_allocations().items():
                         usage[f"{uid}/{index}"] = allocated
+                status.scrub.CopyFrom(self._call(self._scrub_status()))
                 if self.disks and status != last_status:
                     self.store.put(POOL.status_key(self.node), K.to_json(status))
                     last_status = status

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from braid.v1 import meta_pb2 as braid_dot_v1_dot_meta__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62raid/v1/storage.proto\x12\x08\x62raid.v1\x1a\x13\x62raid/v1/meta.proto\"Q\n\x08PoolDisk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x03\x12\x11\n\thot_spare\x18\x04 \x01(\x08\"?\n\x0c\x44iskPoolSpec\x12\x0c\n\x04node\x18\x01 \x01(\t\x12!\n\x05\x64isks\x18\x02 \x03(\x0b\x32\x12.braid.v1.PoolDisk\"n\n\nDiskStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x03\x12\x12\n\nused_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06health\x18\x04 \x01(\t\x12\x16\n\x0e\x61vg_latency_ms\x18\x05 \x01(\x01\"a\n\x0e\x44iskPoolStatus\x12\r\n\x05phase\x18\x01 \x01(\t\x12#\n\x05\x64isks\x18\x02 \x03(\x0b\x32\x14.braid.v1.DiskStatus\x12\x1b\n\x13observed_generation\x18\x03 \x01(\x03\"\x82\x01\n\x08\x44iskPool\x12&\n\x08metadata\x18\x01 \x01(\x0b\x32\x14.braid.v1.ObjectMeta\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.braid.v1.DiskPoolSpec\x12(\n\x06status\x18\x03 \x01(\x0b\x32\x18.braid.v1.DiskPoolStatus\"K\n\x0c\x44iskPoolList\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.braid.v1.DiskPool\x12\x18\n\x10resource_version\x18\x02 \x01(\x03\"h\n\rDiskPoolEvent\x12!\n\x04type\x18\x01 \x01(\x0e\x32\x13.braid.v1.EventType\x12\"\n\x06object\x18\x02 \x01(\x0b\x32\x12.braid.v1.DiskPool\x12\x10\n\x08revision\x18\x03 \x01(\x03\"3\n\tVolumeQoS\x12\x0c\n\x04iops\x18\x01 \x01(\x03\x12\x18\n\x10\x62ytes_per_second\x18\x02 \x01(\x03\"\x88\x01\n\nVolumeSpec\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\x12\x10\n\x08replicas\x18\x02 \x01(\x05\x12\x19\n\x11\x65xtent_size_bytes\x18\x03 \x01(\x03\x12 \n\x03qos\x18\x04 \x01(\x0b\x32\x13.braid.v1.VolumeQoS\x12\x17\n\x0fsource_snapshot\x18\x05 \x01(\t\")\n\x0cVolumeExport\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\"\xd1\x01\n\x0cVolumeStatus\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x17\n\x0f\x61llocated_bytes\x18\x02 \x01(\x03\x12\x0f\n\x07\x65xtents\x18\x03 \x01(\x05\x12\x17\n\x0fhealthy_extents\x18\x04 \x01(\x05\x12\'\n\x07\x65xports\x18\x05 \x03(\x0b\x32\x16.braid.v1.VolumeExport\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x1b\n\x13observed_generation\x18\x07 \x01(\x03\x12\x18\n\x10rebuild_progress\x18\x08 \x01(\x01\"|\n\x06Volume\x12&\n\x08metadata\x18\x01 \x01(\x0b\x32\x14.braid.v1.ObjectMeta\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.braid.v1.VolumeSpec\x12&\n\x06status\x18\x03 \x01(\x0b\x32\x16.braid.v1.VolumeStatus\"G\n\nVolumeList\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.braid.v1.Volume\x12\x18\n\x10resource_version\x18\x02 \x01(\x03\"d\n\x0bVolumeEvent\x12!\n\x04type\x18\x01 \x01(\x0e\x32\x13.braid.v1.EventType\x12 \n\x06object\x18\x02 \x01(\x0b\x32\x10.braid.v1.Volume\x12\x10\n\x08revision\x18\x03 \x01(\x03\x32\xd6\x02\n\x0f\x44iskPoolService\x12\x30\n\x06\x43reate\x12\x12.braid.v1.DiskPool\x1a\x12.braid.v1.DiskPool\x12/\n\x03Get\x12\x14.braid.v1.GetRequest\x1a\x12.braid.v1.DiskPool\x12\x35\n\x04List\x12\x15.braid.v1.ListRequest\x1a\x16.braid.v1.DiskPoolList\x12\x30\n\x06Update\x12\x12.braid.v1.DiskPool\x1a\x12.braid.v1.DiskPool\x12;\n\x06\x44\x65lete\x12\x17.braid.v1.DeleteRequest\x1a\x18.braid.v1.DeleteResponse\x12:\n\x05Watch\x12\x16.braid.v1.WatchRequest\x1a\x17.braid.v1.DiskPoolEvent0\x01\x32\xc6\x02\n\rVolumeService\x12,\n\x06\x43reate\x12\x10.braid.v1.Volume\x1a\x10.braid.v1.Volume\x12-\n\x03Get\x12\x14.braid.v1.GetRequest\x1a\x10.braid.v1.Volume\x12\x33\n\x04List\x12\x15.braid.v1.ListRequest\x1a\x14.braid.v1.VolumeList\x12,\n\x06Update\x12\x10.braid.v1.Volume\x1a\x10.braid.v1.Volume\x12;\n\x06\x44\x65lete\x12\x17.braid.v1.DeleteRequest\x1a\x18.braid.v1.DeleteResponse\x12\x38\n\x05Watch\x12\x16.braid.v1.WatchRequest\x1a\x15.braid.v1.VolumeEvent0\x01\x42\x12Z\x10\x62raid/v1;braidv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62raid/v1/storage.proto\x12\x08\x62raid.v1\x1a\x13\x62raid/v1/meta.proto\"Q\n\x08PoolDisk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x03\x12\x11\n\thot_spare\x18\x04 \x01(\x08\"?\n\x0c\x44iskPoolSpec\x12\x0c\n\x04node\x18\x01 \x01(\t\x12!\n\x05\x64isks\x18\x02 \x03(\x0b\x32\x12.braid.v1.PoolDisk\"n\n\nDiskStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x03\x12\x12\n\nused_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06health\x18\x04 \x01(\t\x12\x16\n\x0e\x61vg_latency_ms\x18\x05 \x01(\x01\"\xba\x01\n\x0bScrubStatus\x12\x0e\n\x06passes\x18\x01 \x01(\x03\x12\x15\n\rlast_pass_end\x18\x02 \x01(\t\x12\x19\n\x11last_pass_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x62ytes_verified\x18\x04 \x01(\x03\x12\x17\n\x0f\x63hecksum_errors\x18\x05 \x01(\x03\x12\x10\n\x08repaired\x18\x06 \x01(\x03\x12\x12\n\nmismatches\x18\x07 \x01(\x03\x12\x12\n\nunrepaired\x18\x08 \x01(\x03\"\x87\x01\n\x0e\x44iskPoolStatus\x12\r\n\x05phase\x18\x01 \x01(\t\x12#\n\x05\x64isks\x18\x02 \x03(\x0b\x32\x14.braid.v1.DiskStatus\x12\x1b\n\x13observed_generation\x18\x03 \x01(\x03\x12$\n\x05scrub\x18\x04 \x01(\x0b\x32\x15.braid.v1.ScrubStatus\"\x82\x01\n\x08\x44iskPool\x12&\n\x08metadata\x18\x01 \x01(\x0b\x32\x14.braid.v1.ObjectMeta\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.braid.v1.DiskPoolSpec\x12(\n\x06status\x18\x03 \x01(\x0b\x32\x18.braid.v1.DiskPoolStatus\"K\n\x0c\x44iskPoolList\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.braid.v1.DiskPool\x12\x18\n\x10resource_version\x18\x02 \x01(\x03\"h\n\rDiskPoolEvent\x12!\n\x04type\x18\x01 \x01(\x0e\x32\x13.braid.v1.EventType\x12\"\n\x06object\x18\x02 \x01(\x0b\x32\x12.braid.v1.DiskPool\x12\x10\n\x08revision\x18\x03 \x01(\x03\"3\n\tVolumeQoS\x12\x0c\n\x04iops\x18\x01 \x01(\x03\x12\x18\n\x10\x62ytes_per_second\x18\x02 \x01(\x03\"\x88\x01\n\nVolumeSpec\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\x12\x10\n\x08replicas\x18\x02 \x01(\x05\x12\x19\n\x11\x65xtent_size_bytes\x18\x03 \x01(\x03\x12 \n\x03qos\x18\x04 \x01(\x0b\x32\x13.braid.v1.VolumeQoS\x12\x17\n\x0fsource_snapshot\x18\x05 \x01(\t\")\n\x0cVolumeExport\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\"\xd1\x01\n\x0cVolumeStatus\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x17\n\x0f\x61llocated_bytes\x18\x02 \x01(\x03\x12\x0f\n\x07\x65xtents\x18\x03 \x01(\x05\x12\x17\n\x0fhealthy_extents\x18\x04 \x01(\x05\x12\'\n\x07\x65xports\x18\x05 \x03(\x0b\x32\x16.braid.v1.VolumeExport\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x1b\n\x13observed_generation\x18\x07 \x01(\x03\x12\x18\n\x10rebuild_progress\x18\x08 \x01(\x01\"|\n\x06Volume\x12&\n\x08metadata\x18\x01 \x01(\x0b\x32\x14.braid.v1.ObjectMeta\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.braid.v1.VolumeSpec\x12&\n\x06status\x18\x03 \x01(\x0b\x32\x16.braid.v1.VolumeStatus\"G\n\nVolumeList\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.braid.v1.Volume\x12\x18\n\x10resource_version\x18\x02 \x01(\x03\"d\n\x0bVolumeEvent\x12!\n\x04type\x18\x01 \x01(\x0e\x32\x13.braid.v1.EventType\x12 \n\x06object\x18\x02 \x01(\x0b\x32\x10.braid.v1.Volume\x12\x10\n\x08revision\x18\x03 \x01(\x03\x32\xd6\x02\n\x0f\x44iskPoolService\x12\x30\n\x06\x43reate\x12\x12.braid.v1.DiskPool\x1a\x12.braid.v1.DiskPool\x12/\n\x03Get\x12\x14.braid.v1.GetRequest\x1a\x12.braid.v1.DiskPool\x12\x35\n\x04List\x12\x15.braid.v1.ListRequest\x1a\x16.braid.v1.DiskPoolList\x12\x30\n\x06Update\x12\x12.braid.v1.DiskPool\x1a\x12.braid.v1.DiskPool\x12;\n\x06\x44\x65lete\x12\x17.braid.v1.DeleteRequest\x1a\x18.braid.v1.DeleteResponse\x12:\n\x05Watch\x12\x16.braid.v1.WatchRequest\x1a\x17.braid.v1.DiskPoolEvent0\x01\x32\xc6\x02\n\rVolumeService\x12,\n\x06\x43reate\x12\x10.braid.v1.Volume\x1a\x10.braid.v1.Volume\x12-\n\x03Get\x12\x14.braid.v1.GetRequest\x1a\x10.braid.v1.Volume\x12\x33\n\x04List\x12\x15.braid.v1.ListRequest\x1a\x14.braid.v1.VolumeList\x12,\n\x06Update\x12\x10.braid.v1.Volume\x1a\x10.braid.v1.Volume\x12;\n\x06\x44\x65lete\x12\x17.braid.v1.DeleteRequest\x1a\x18.braid.v1.DeleteResponse\x12\x38\n\x05Watch\x12\x16.braid.v1.WatchRequest\x1a\x15.braid.v1.VolumeEvent0\x01\x42\x12Z\x10\x62raid/v1;braidv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,30 +39,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DISKPOOLSPEC']._serialized_end=203
   _globals['_DISKSTATUS']._serialized_start=205
   _globals['_DISKSTATUS']._serialized_end=315
-  _globals['_DISKPOOLSTATUS']._serialized_start=317
-  _globals['_DISKPOOLSTATUS']._serialized_end=414
-  _globals['_DISKPOOL']._serialized_start=417
-  _globals['_DISKPOOL']._serialized_end=547
-  _globals['_DISKPOOLLIST']._serialized_start=549
-  _globals['_DISKPOOLLIST']._serialized_end=624
-  _globals['_DISKPOOLEVENT']._serialized_start=626
-  _globals['_DISKPOOLEVENT']._serialized_end=730
-  _globals['_VOLUMEQOS']._serialized_start=732
-  _globals['_VOLUMEQOS']._serialized_end=783
-  _globals['_VOLUMESPEC']._serialized_start=786
-  _globals['_VOLUMESPEC']._serialized_end=922
-  _globals['_VOLUMEEXPORT']._serialized_start=924
-  _globals['_VOLUMEEXPORT']._serialized_end=965
-  _globals['_VOLUMESTATUS']._serialized_start=968
-  _globals['_VOLUMESTATUS']._serialized_end=1177
-  _globals['_VOLUME']._serialized_start=1179
-  _globals['_VOLUME']._serialized_end=1303
-  _globals['_VOLUMELIST']._serialized_start=1305
-  _globals['_VOLUMELIST']._serialized_end=1376
-  _globals['_VOLUMEEVENT']._serialized_start=1378
-  _globals['_VOLUMEEVENT']._serialized_end=1478
-  _globals['_DISKPOOLSERVICE']._serialized_start=1481
-  _globals['_DISKPOOLSERVICE']._serialized_end=1823
-  _globals['_VOLUMESERVICE']._serialized_start=1826
-  _globals['_VOLUMESERVICE']._serialized_end=2152
+  _globals['_SCRUBSTATUS']._serialized_start=318
+  _globals['_SCRUBSTATUS']._serialized_end=504
+  _globals['_DISKPOOLSTATUS']._serialized_start=507
+  _globals['_DISKPOOLSTATUS']._serialized_end=642
+  _globals['_DISKPOOL']._serialized_start=645
+  _globals['_DISKPOOL']._serialized_end=775
+  _globals['_DISKPOOLLIST']._serialized_start=777
+  _globals['_DISKPOOLLIST']._serialized_end=852
+  _globals['_DISKPOOLEVENT']._serialized_start=854
+  _globals['_DISKPOOLEVENT']._serialized_end=958
+  _globals['_VOLUMEQOS']._serialized_start=960
+  _globals['_VOLUMEQOS']._serialized_end=1011
+  _globals['_VOLUMESPEC']._serialized_start=1014
+  _globals['_VOLUMESPEC']._serialized_end=1150
+  _globals['_VOLUMEEXPORT']._serialized_start=1152
+  _globals['_VOLUMEEXPORT']._serialized_end=1193
+  _globals['_VOLUMESTATUS']._serialized_start=1196
+  _globals['_VOLUMESTATUS']._serialized_end=1405
+  _globals['_VOLUME']._serialized_start=1407
+  _globals['_VOLUME']._serialized_end=1531
+  _globals['_VOLUMELIST']._serialized_start=1533
+  _globals['_VOLUMELIST']._serialized_end=1604
+  _globals['_VOLUMEEVENT']._serialized_start=1606
+  _globals['_VOLUMEEVENT']._serialized_end=1706
+  _globals['_DISKPOOLSERVICE']._serialized_start=1709
+  _globals['_DISKPOOLSERVICE']._serialized_end=2051
+  _globals['_VOLUMESERVICE']._serialized_start=2054
+  _globals['_VOLUMESERVICE']._serialized_end=2380
 # @@protoc_insertion_point(module_scope)

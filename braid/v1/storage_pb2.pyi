@@ -41,15 +41,37 @@ class DiskStatus(_message.Message):
     avg_latency_ms: float
     def __init__(self, name: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., health: _Optional[str] = ..., avg_latency_ms: _Optional[float] = ...) -> None: ...
 
+class ScrubStatus(_message.Message):
+    __slots__ = ("passes", "last_pass_end", "last_pass_seconds", "bytes_verified", "checksum_errors", "repaired", "mismatches", "unrepaired")
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    LAST_PASS_END_FIELD_NUMBER: _ClassVar[int]
+    LAST_PASS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    REPAIRED_FIELD_NUMBER: _ClassVar[int]
+    MISMATCHES_FIELD_NUMBER: _ClassVar[int]
+    UNREPAIRED_FIELD_NUMBER: _ClassVar[int]
+    passes: int
+    last_pass_end: str
+    last_pass_seconds: float
+    bytes_verified: int
+    checksum_errors: int
+    repaired: int
+    mismatches: int
+    unrepaired: int
+    def __init__(self, passes: _Optional[int] = ..., last_pass_end: _Optional[str] = ..., last_pass_seconds: _Optional[float] = ..., bytes_verified: _Optional[int] = ..., checksum_errors: _Optional[int] = ..., repaired: _Optional[int] = ..., mismatches: _Optional[int] = ..., unrepaired: _Optional[int] = ...) -> None: ...
+
 class DiskPoolStatus(_message.Message):
-    __slots__ = ("phase", "disks", "observed_generation")
+    __slots__ = ("phase", "disks", "observed_generation", "scrub")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     DISKS_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    SCRUB_FIELD_NUMBER: _ClassVar[int]
     phase: str
     disks: _containers.RepeatedCompositeFieldContainer[DiskStatus]
     observed_generation: int
-    def __init__(self, phase: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[DiskStatus, _Mapping]]] = ..., observed_generation: _Optional[int] = ...) -> None: ...
+    scrub: ScrubStatus
+    def __init__(self, phase: _Optional[str] = ..., disks: _Optional[_Iterable[_Union[DiskStatus, _Mapping]]] = ..., observed_generation: _Optional[int] = ..., scrub: _Optional[_Union[ScrubStatus, _Mapping]] = ...) -> None: ...
 
 class DiskPool(_message.Message):
     __slots__ = ("metadata", "spec", "status")
