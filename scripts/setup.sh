@@ -12,10 +12,12 @@ PYTHON=${PYTHON:-python3}
 # initramfs); iproute2 and procps for the tests; fio (with its nbd engine),
 # libnbd-bin (nbdinfo, nbdcopy) and qemu-utils (qemu-img, qemu-nbd) are the
 # real NBD clients of the storage tests and benchmarks; nftables is the net
-# daemon's firewall, iperf3 measures the overlay (bench), util-linux has nsenter.
+# daemon's firewall, iperf3 measures the overlay (bench), util-linux has nsenter;
+# libfuse2 runs the FUSE fault-injection filesystem of the disk fault tests.
 APT_PACKAGES=(etcd-server etcd-client libvirt-daemon-system libvirt-daemon-driver-qemu
               libvirt-clients libvirt-dev pkg-config gcc qemu-system-x86 qemu-utils
-              busybox-static cpio iproute2 procps fio libnbd-bin nftables iperf3 util-linux)
+              busybox-static cpio iproute2 procps fio libnbd-bin nftables iperf3 util-linux
+              libfuse2)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

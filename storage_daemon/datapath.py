@@ -132,7 +132,27 @@ class StorageNode:
         if rec is None:
             self.view.delete(volume, index)
             return None
-        return self.view.put(rec, rev)
+        return self.track_joins(self.view.put(rec, rev))
+
+    def track_joins(self, rec: X.ExtentRecord) -> X.ExtentRecord:
+        """Called with the newest record the view holds, whenever it changes.
+        When this node starts joining an extent, every later write to its
+        replica is noted for the copy; a file already there (an earlier
+        attempt, or a replica this node lost) missed unknown writes: it is
+        deleted now, on the loop, before any write of this record can land.
+        When it stops joining (joined, or dropped), the notes go."""
+        key = (rec.uid, rec.index)
+        rep = rec.joiner(self.node)
+        if rep is not None and key not in self.joins:
+            self.joins[key] = Intervals()
+            self._open.pop(key, None)
+            disk = self.disks.get(rep.disk)
+            if disk is not None and disk.get(rec.uid, rec.index) is not None:
+                log.info("%s: discarding an old copy on this node before rebuilding it", rec.key)
+                disk.delete_replica(rec.uid, rec.index)
+        elif rep is None and key in self.joins:
+            del self.joins[key]
+        return rec
 
     async def replica(self, rec: X.ExtentRecord, create: bool) -> ReplicaFile | None:
         """This node's replica file of ``rec`` (None: never written here and
@@ -145,7 +165,8 @@ class StorageNode:
         disk = self.disks.get(mine.disk)
         if disk is None:
             raise OSError(errno.ENODEV, f"disk {mine.disk} of {rec.key} is not on this node")
-        rf = self._open.get((rec.uid, rec.index))
+        key = (rec.uid, rec.index)
+        rf = self._open.get(key)
         if rf is None or rf.closed:
             rf = disk.get(rec.uid, rec.index)
             if rf is None and create:
@@ -153,8 +174,8 @@ class StorageNode:
                                              rec.generation, True)
             if rf is None:
                 return None
-            self._open[(rec.uid, rec.index)] = rf
-        if rf.meta.generation != rec.generation:
+            self._open[key] = rf
+        if rf.meta.generation < rec.generation:   # (a late request may carry an older one)
             await asyncio.to_thread(disk.set_generation, rec.uid, rec.index, rec.generation)
         return rf
 
@@ -164,8 +185,10 @@ class StorageNode:
         replica is being rebuilt, the copy must leave the range alone."""
         key = (rec.uid, rec.index)
         self.writes[key] = self.writes.get(key, 0) + 1
-        if rec.joining and rec.joiner(self.node) is not None:
-            self.joins.setdefault((rec.uid, rec.index), Intervals()).add(offset, offset + length)
+        if rec.joining:
+            iv = self.joins.get(key)
+            if iv is not None:
+                iv.add(offset, offset + length)
 
     def forget(self, uid: str, index: int) -> None:
         self._open.pop((uid, index), None)

@@ -3,7 +3,8 @@ volumes over NBD and replicates writes to the peer storage daemons.
 
 Threads: the daemon frame (gRPC health/metrics, presence), etcd informers
 (extent map, volumes, live peers), a reporter (DiskPool status, per-replica
-allocation in ``storage/usage/<node>``, garbage collection of replicas no
+allocation in ``storage/usage/<node>``; it waits on no disk's data I/O and at
+most a moment for the loop, so a hung disk is reported), a garbage collector (replicas no
 extent record names), and one asyncio loop (uvloop) for the data path: the
 replication server, the NBD TCP server and one NBD unix socket per volume
 (``<nbd_socket_dir>/<volume>.sock``, what QEMU on this node opens).
@@ -104,6 +105,7 @@ class StorageDaemon:
         self.sockets: dict[str, tuple[str, asyncio.AbstractServer]] = {}  # volume -> (uid, server)
         self.live: dict[str, node_pb2.DaemonStatus] = {}
         self._stop = threading.Event()
+        self._last_scrub = storage_pb2.ScrubStatus()
 
     # -- set-up (before presence: the bound addresses go into it) --------------------
 
@@ -246,7 +248,7 @@ class StorageDaemon:
         self.loop.call_soon_threadsafe(self._extent_seen, rec, kv.mod_revision)
 
     def _extent_seen(self, rec: X.ExtentRecord, mod_revision: int) -> None:
-        self.view.put(rec, mod_revision)
+        rec = self.sn.track_joins(self.view.put(rec, mod_revision))
         if rec.joining:
             self.rebuilder.poke()
 
@@ -310,6 +312,8 @@ class StorageDaemon:
             self._scrub_task = asyncio.run_coroutine_threadsafe(self.scrubber.run_forever(), self.loop)
         self._reporter = threading.Thread(target=self._report_loop, name="storaged-report", daemon=True)
         self._reporter.start()
+        self._collector = threading.Thread(target=self._gc_loop, name="storaged-gc", daemon=True)
+        self._collector.start()
         return self.stop
 
     def _ensure_pool(self) -> None:
@@ -352,6 +356,17 @@ class StorageDaemon:
         return storage_pb2.ScrubStatus(**{f.name: getattr(self.scrubber.status, f.name)
                                           for f in storage_pb2.ScrubStatus.DESCRIPTOR.fields})
 
+    def _scrub_snapshot(self) -> storage_pb2.ScrubStatus:
+        """The scrubber's status, read on the data-path loop. A loop that does not answer
+        at once (e.g. stuck in I/O of a hung disk) must not hold up the health report:
+        then the last status read."""
+        fut = asyncio.run_coroutine_threadsafe(self._scrub_status(), self.loop)
+        try:
+            self._last_scrub = fut.result(timeout=0.5)
+        except TimeoutError:
+            fut.cancel()
+        return self._last_scrub
+
     def _report_rebuilds(self, last: dict | None) -> dict:
         progress = {f"{v}/{i}": list(p) for (v, i), p in list(self.rebuilder.progress.items())}
         if progress != last:
@@ -381,7 +396,7 @@ class StorageDaemon:
                                      health=verdict, avg_latency_ms=round(h.avg_latency_ms, -1))
                     for (uid, index), allocated in disk.replica_allocations().items():
                         usage[f"{uid}/{index}"] = allocated
-                status.scrub.CopyFrom(self._call(self._scrub_status()))
+                status.scrub.CopyFrom(self._scrub_snapshot())
                 if self.disks and status != last_status:
                     self.store.put(POOL.status_key(self.node), K.to_json(status))
                     last_status = status
@@ -389,11 +404,22 @@ class StorageDaemon:
                     self.store.put(USAGE_PREFIX + self.node, json.dumps(usage, sort_keys=True).encode())
                     last_usage = usage
                 last_rebuild = self._report_rebuilds(last_rebuild)
-                self._collect_garbage()
             except StoreError as exc:
                 log.warning("report: %s", exc)
             except Exception:
                 log.exception("report failed")
+
+    def _gc_loop(self) -> None:
+        """Garbage collection in a thread of its own: it reads the record of every replica
+        on every disk (and waits for the loop), which blocks while a disk hangs; the
+        health reports that say so must go on meanwhile."""
+        while not self._stop.wait(self.interval):
+            try:
+                self._collect_garbage()
+            except StoreError as exc:
+                log.warning("garbage collection: %s", exc)
+            except Exception:
+                log.exception("garbage collection failed")
 
     def _collect_garbage(self) -> None:
         """Delete replicas that no extent record names any more on this node:

@@ -17,9 +17,10 @@ replica copies the extent from a member, chunk by chunk, throttled to
 
 When the last chunk is in, the replica is synced and joins the set by CAS
 (``promote``: generation bump). A replica file found here for a joining
-extent that this process did not start (a restart mid-copy: which writes it
-missed is unknown) is deleted and the copy starts over after a generation
-bump. Progress: ``progress[(volume, index)] = (done, total)``, reported to
+extent, when this node learns it joins (a restart mid-copy, or a replica
+this node held before: which writes it missed is unknown), is deleted
+before any write of that record can land (``StorageNode.track_joins``) and
+copied afresh. Progress: ``progress[(volume, index)] = (done, total)``, reported to
 etcd by the daemon.
 """
 
@@ -31,7 +32,7 @@ import time
 
 from braid import extents as X
 from storage_daemon import peer as P
-from storage_daemon.datapath import Intervals, StorageNode
+from storage_daemon.datapath import StorageNode
 
 log = logging.getLogger("braid.storaged.rebuild")
 
@@ -83,15 +84,8 @@ class Rebuilder:
             if disk is None:
                 log.error("rebuild of %s: disk %s is not on this node", rec.key, rep.disk)
                 return
-            if key not in sn.joins and disk.get(uid, index) is not None:
-                # a partial copy of an earlier attempt: start over, at a new generation
-                sn.forget(uid, index)
-                await asyncio.to_thread(disk.delete_replica, uid, index)
-                if await asyncio.to_thread(sn.etcd_cas, rec, rec.bump()):
-                    log.info("rebuild of %s: starting over (a partial copy was left)", rec.key)
-                await sn.refresh(volume, index)
-                return   # the new record starts the copy again
-            sn.joins.setdefault(key, Intervals())
+            sn.track_joins(rec)   # (done already when the view learnt the record)
+            await sn.replica(rec, create=True)
             log.info("rebuild of %s on %s/%s: copying %d bytes", rec.key, sn.node, rep.disk, rec.size)
             t0, copied = time.monotonic(), 0
             for off in range(0, rec.size, self.chunk):
@@ -101,8 +95,11 @@ class Rebuilder:
                 if got is None:
                     return
                 rec, data = got
+                notes = sn.joins.get(key)
+                if notes is None:   # no longer joining (the view moved on)
+                    return
                 rf = await sn.replica(rec, create=True)
-                for a, b in sn.joins.setdefault(key, Intervals()).gaps(off, off + n):
+                for a, b in notes.gaps(off, off + n):
                     piece = memoryview(data)[a - off:b - off]
                     if piece != _ZERO[:b - a]:
                         rf.write(a, piece)
@@ -128,7 +125,6 @@ class Rebuilder:
             log.exception("rebuild of %s/%d failed; retried on the next change", volume, index)
         finally:
             if self._current(volume, index, uid) is None:
-                sn.joins.pop(key, None)
                 self.progress.pop((volume, index), None)
 
     async def _read(self, volume: str, index: int, uid: str, off: int, n: int):

@@ -29,9 +29,11 @@ def need_tools(*names: str) -> None:
 
 
 class StorageNodeProc:
-    def __init__(self, cl, name: str, tmp: Path, etcd, prefix: str, peer_timeout: float):
+    def __init__(self, cl, name: str, tmp: Path, etcd, prefix: str, peer_timeout: float,
+                 disk: Path | None = None):
+        """``disk``: the directory of its disk d1 (default ``<tmp>/<name>/d1``)."""
         self.name = name
-        self.disk = tmp / name / "d1"
+        self.disk = Path(disk) if disk else tmp / name / "d1"
         self.socket_dir = tmp / name / "nbd"
         self.tmp = tmp
         self.args = ["--etcd", etcd.endpoint, "--prefix", prefix, "--node", name, "--lease-ttl", "3",
@@ -64,9 +66,12 @@ class StorageNodeProc:
 
 @contextlib.contextmanager
 def storage_cluster(etcd, tmp: Path, name: str, nodes: int = 3, peer_timeout: float = 1.0,
-                    rebuild_delay: float = 5.0):
+                    rebuild_delay: float = 5.0, disks: dict[int, Path] | None = None):
+    """``disks``: disk directories of some nodes by their number (1-based), e.g.
+    ``{2: <a FUSE mount>/d1}``; the others get one in ``tmp``."""
+    disks = disks or {}
     with running_controller(etcd, tmp, name, ["--rebuild-delay", str(rebuild_delay)]) as ctl:
-        members = [StorageNodeProc(ctl, f"{name}-s{i}", tmp, etcd, ctl.prefix, peer_timeout)
+        members = [StorageNodeProc(ctl, f"{name}-s{i}", tmp, etcd, ctl.prefix, peer_timeout, disks.get(i))
                    for i in range(1, nodes + 1)]
         try:
             for m in members:

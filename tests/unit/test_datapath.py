@@ -73,7 +73,7 @@ class Cluster:
     def sync_views(self):
         for sn in self.nodes.values():
             for rec in self.etcd.recs.values():
-                sn.view.put(rec, self.etcd.rev)
+                sn.track_joins(sn.view.put(rec, self.etcd.rev))
 
     def engine(self, node, volume="v", n_extents=4, replicas=2):
         return VolumeEngine(self.nodes[node], VolumeInfo(volume, UID, n_extents * ES, ES, replicas))
