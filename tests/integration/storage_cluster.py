@@ -30,7 +30,7 @@ def need_tools(*names: str) -> None:
 
 class StorageNodeProc:
     def __init__(self, cl, name: str, tmp: Path, etcd, prefix: str, peer_timeout: float,
-                 disk: Path | None = None):
+                 disk: Path | None = None, extra: list[str] = ()):
         """``disk``: the directory of its disk d1 (default ``<tmp>/<name>/d1``)."""
         self.name = name
         self.disk = Path(disk) if disk else tmp / name / "d1"
@@ -39,7 +39,7 @@ class StorageNodeProc:
         self.args = ["--etcd", etcd.endpoint, "--prefix", prefix, "--node", name, "--lease-ttl", "3",
                      "--disks", f"d1={self.disk}", "--nbd-socket-dir", str(self.socket_dir),
                      "--peer-listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0",
-                     "--peer-timeout", str(peer_timeout), "--report-interval", "1"]
+                     "--peer-timeout", str(peer_timeout), "--report-interval", "1", *extra]
         self.proc: DaemonProc | None = None
 
     def start(self) -> "StorageNodeProc":
@@ -66,13 +66,15 @@ class StorageNodeProc:
 
 @contextlib.contextmanager
 def storage_cluster(etcd, tmp: Path, name: str, nodes: int = 3, peer_timeout: float = 1.0,
-                    rebuild_delay: float = 5.0, disks: dict[int, Path] | None = None):
+                    rebuild_delay: float = 5.0, disks: dict[int, Path] | None = None,
+                    storaged_args: list[str] = ()):
     """``disks``: disk directories of some nodes by their number (1-based), e.g.
-    ``{2: <a FUSE mount>/d1}``; the others get one in ``tmp``."""
+    ``{2: <a FUSE mount>/d1}``; the others get one in ``tmp``. ``storaged_args``:
+    more options of every storage daemon."""
     disks = disks or {}
     with running_controller(etcd, tmp, name, ["--rebuild-delay", str(rebuild_delay)]) as ctl:
-        members = [StorageNodeProc(ctl, f"{name}-s{i}", tmp, etcd, ctl.prefix, peer_timeout, disks.get(i))
-                   for i in range(1, nodes + 1)]
+        members = [StorageNodeProc(ctl, f"{name}-s{i}", tmp, etcd, ctl.prefix, peer_timeout, disks.get(i),
+                                   storaged_args) for i in range(1, nodes + 1)]
         try:
             for m in members:
                 m.start()
