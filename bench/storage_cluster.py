@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from braid import extents as X
 from braid.client import Client
@@ -89,6 +89,14 @@ class StorageNode:
         self.disk = disk
         self.socket_dir = socket_dir
         self.proc = proc
+        self.killed = False  # kill() was called: StorageCluster.check_alive skips it
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (a node crash) and reap it."""
+        self.killed = True
+        if self.proc.proc.poll() is None:
+            self.proc.proc.kill()
+        self.proc.proc.wait(10)
 
     @property
     def pid(self) -> int:
@@ -103,15 +111,20 @@ class StorageNode:
 
 class StorageCluster:
     """``work``: etcd data, logs, state files and NBD sockets; ``disk_root``:
-    the nodes' disk directories (put it on the disk you mean to measure)."""
+    the nodes' disk directories (put it on the disk you mean to measure).
+    ``controller_args`` / ``daemon_args``: extra options of the controller and of
+    every storage daemon (e.g. ``--rebuild-delay 1``, ``--rebuild-rate 2000``)."""
 
     def __init__(self, work: Path, disk_root: Path, nodes: int = 3, peer_timeout: float = 10.0,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None,
+                 controller_args: Sequence[str] = (), daemon_args: Sequence[str] = ()):
         self.work = Path(work)
         self.disk_root = Path(disk_root)
         self.n_nodes = nodes
         self.peer_timeout = peer_timeout
         self.progress = progress or (lambda _msg: None)
+        self.controller_args = list(controller_args)
+        self.daemon_args = list(daemon_args)
         self.etcd: EtcdProcess | None = None
         self.controller: DaemonProcess | None = None
         self.nodes: list[StorageNode] = []
@@ -131,7 +144,8 @@ class StorageCluster:
             self.etcd.start()
             self.progress(f"etcd on {self.etcd.endpoint}")
             common = ["--etcd", self.etcd.endpoint, "--prefix", PREFIX, "--metrics", ""]
-            self.controller = DaemonProcess("controller.main", common, self.work, "controller")
+            self.controller = DaemonProcess("controller.main", common + self.controller_args, self.work,
+                                            "controller")
             self.api = Client(self.controller.info["grpc"])
             self.store = Store(self.etcd.endpoint, prefix=PREFIX)
             for i in range(1, self.n_nodes + 1):
@@ -141,7 +155,7 @@ class StorageCluster:
                 args = [*common, "--node", name, "--disks", f"d1={disk}",
                         "--nbd-socket-dir", str(sockets), "--nbd-socket-group", "",
                         "--peer-listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0",
-                        "--peer-timeout", str(self.peer_timeout)]
+                        "--peer-timeout", str(self.peer_timeout), *self.daemon_args]
                 proc = DaemonProcess("storage_daemon.main", args, self.work, f"storaged-{name}")
                 self.nodes.append(StorageNode(name, disk, sockets, proc))
             self._wait(lambda: all(self._pool_ready(n.name) for n in self.nodes), 30,
@@ -193,7 +207,8 @@ class StorageCluster:
         if self.controller is not None:
             self.controller.check_alive()
         for n in self.nodes:
-            n.proc.check_alive()
+            if not n.killed:
+                n.proc.check_alive()
 
     def stop(self) -> None:
         errors = []

@@ -317,16 +317,22 @@ def repair(rec: ExtentRecord, policy: int, usable, disks: list[DiskCandidate],
       free space), not on a node dropped from this extent less than
       ``cooldown`` seconds before ``now`` (its lease may outlive it: choosing
       it again would only be dropped again by the next write);
-    * ``("drop", [Replica, ...])``: once enough usable members exist, the
-      unusable ones leave the set (a bad disk is evacuated only after its
-      data lives elsewhere, never before);
+    * ``("drop", [Replica, ...])``: joiners that are not usable (their copy
+      cannot finish); once enough usable members exist, the unusable ones (a
+      bad disk is evacuated only after its data lives elsewhere, never
+      before); members beyond ``policy`` (the newest);
     * None: nothing to do (or nowhere to go).
     Never plans a rebuild without a member to copy from.
     """
+    lost_joiners = [r for r in rec.joining if not usable(r)]
+    if lost_joiners:   # a copy that cannot finish: make room for another
+        return ("drop", lost_joiners)
     good = [r for r in rec.replicas if usable(r)]
     bad = [r for r in rec.replicas if not usable(r)]
     if len(good) >= policy and bad:
         return ("drop", bad)
+    if len(good) > policy and not rec.joining:   # e.g. a disk that was bad is fine again
+        return ("drop", good[policy:])
     if not rec.replicas or len(good) + len(rec.joining) >= policy:
         return None
     taken = {r.node for r in rec.replicas + rec.joining}

@@ -255,7 +255,8 @@ class VolumeReconciler:
                 new = rec.join(step[1])
                 what = f"rebuilding extent {rec.index} on {step[1].node}/{step[1].disk}"
             else:
-                reasons = [("disk " + health.get((r.node, r.disk), "?")) if r.node in live
+                reasons = ["surplus replica" if usable(r) else
+                           ("disk " + health.get((r.node, r.disk), "?")) if r.node in live
                            else "storage daemon gone" for r in step[1]]
                 new = rec.without(step[1], "evacuated: " + ", ".join(
                     f"{r.node} ({why})" for r, why in zip(step[1], reasons)))

@@ -217,3 +217,15 @@ def test_a_node_just_dropped_is_not_chosen_again():
     assert X.repair(rec, 2, lambda r: True, d, now=at + 1) == ("join", R("n3", "d1"))
     assert X.repair(rec, 2, lambda r: True, d[:1], now=at + 1) is None
     assert X.repair(rec, 2, lambda r: True, d, now=at + X.DROP_COOLDOWN + 1) == ("join", R("n2", "d1"))
+
+
+def test_a_lost_joiner_is_dropped_and_surplus_members_trimmed():
+    d = [X.DiskCandidate("n3", "d1", 10 * ES), X.DiskCandidate("n4", "d1", 10 * ES)]
+    rec = X.ExtentRecord("v", UID, 0, ES, 3, (R("n1", "d1"),), joining=(R("n3", "d1"),))
+    dead = lambda r: r.node != "n3"  # noqa: E731 - n3's daemon is gone
+    assert X.repair(rec, 2, dead, d) == ("drop", [R("n3", "d1")])
+    after = rec.without([R("n3", "d1")], "gone")
+    assert X.repair(after, 2, dead, d, now=after.dropped[-1].at + 1) == ("join", R("n4", "d1"))
+    three = X.ExtentRecord("v", UID, 0, ES, 5, (R("n1", "d1"), R("n2", "d1"), R("n3", "d1")))
+    assert X.repair(three, 2, lambda r: True, d) == ("drop", [R("n3", "d1")])
+    assert X.repair(three.join(R("n4", "d1")), 2, lambda r: True, d) is None   # not while copying
