@@ -86,7 +86,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
         ("ALLOCATED", "status.allocated_bytes|bytes"))),
     _kind("network", "Network", "networks", ("net", "nets"), network_pb2, (
         ("NAME", "metadata.name"), ("VNI", "status.vni"), ("MTU", "spec.mtu"),
-        ("PHASE", "status.phase"))),
+        ("PHASE", "status.phase"), ("NODES", "status.nodes|list"))),
     _kind("subnet", "Subnet", "subnets", ("sn",), network_pb2, (
         ("NAME", "metadata.name"), ("NETWORK", "spec.network"), ("CIDR", "spec.cidr"),
         ("GATEWAY", "spec.gateway"), ("DHCP", "spec.dhcp"), ("ROUTER", "spec.router"))),

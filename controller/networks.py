@@ -25,6 +25,17 @@ VNI_MAX = (1 << 24) - 1
 KIND = K.KINDS["network"]
 
 
+def port_nodes(ports: dict[str, network_pb2.Port], vm_nodes: dict[str, str]) -> dict[str, set[str]]:
+    """Pure: network -> the nodes its ports are bound to (a port's own node, or
+    its VM's)."""
+    out: dict[str, set[str]] = {}
+    for p in ports.values():
+        node = p.spec.node or vm_nodes.get(p.spec.vm, "")
+        if node:
+            out.setdefault(p.spec.network, set()).add(node)
+    return out
+
+
 def choose_vni(requested: int, current: int, taken: dict[int, str], name: str) -> tuple[int, str]:
     """Pure planner: which VNI ``name`` should hold. Returns (vni, error);
     vni 0 with an error when the requested one belongs to another network."""
@@ -53,6 +64,9 @@ class NetworkReconciler:
         self.controller = Controller("networks", self.reconcile, workers=1, resync_period=30.0,
                                      list_keys=self._names)
         self.informer = Informer(store, "network/", self._on_change, name="networks")
+        # where a network's ports are (status.nodes): ports and the VMs they belong to
+        self.ports = Informer(store, "port/spec/", self._on_port, name="networks-ports")
+        self.vms = Informer(store, "vm/spec/", self._on_port, name="networks-vms")
 
     def _names(self):
         return sorted({k.split("/", 2)[2] for k in self.informer.keys() if k.count("/") == 2})
@@ -62,12 +76,37 @@ class NetworkReconciler:
         if len(parts) == 3 and parts[1] in ("spec", "status"):
             self.controller.enqueue(parts[2])
 
+    def _on_port(self, key: str, kv: KV | None) -> None:
+        for name in self._names():
+            self.controller.enqueue(name)
+
+    def _nodes(self) -> dict[str, set[str]]:
+        ports, vm_nodes = {}, {}
+        for inf, kind in ((self.ports, "port"), (self.vms, "vm")):
+            for key in inf.keys():
+                kv = inf.get(key)
+                if kv is None:
+                    continue
+                try:
+                    obj = K.from_json(kv.value, K.KINDS[kind].message, key)
+                except K.CorruptObject:
+                    continue
+                if kind == "port":
+                    ports[key] = obj
+                else:
+                    vm_nodes[key.rsplit("/", 1)[1]] = obj.spec.node
+        return port_nodes(ports, vm_nodes)
+
     def start(self) -> None:
         self.controller.start()
-        self.informer.start()
+        for inf in (self.informer, self.ports, self.vms):
+            inf.start()
 
     def stop(self) -> None:
-        self.informer.stop()
+        for inf in (self.informer, self.ports, self.vms):
+            inf.request_stop()
+        for inf in (self.informer, self.ports, self.vms):
+            inf.stop()
         self.controller.stop()
 
     def _taken(self) -> dict[int, str]:
@@ -118,6 +157,8 @@ class NetworkReconciler:
         status.vni = vni
         status.phase = "Ready" if vni else "Error"
         status.message = error
+        del status.nodes[:]
+        status.nodes.extend(sorted(self._nodes().get(name, ())))
         status.observed_generation = net.metadata.generation
         if status != net.status or status_kv is None:
             self.store.put(KIND.status_key(name), K.to_json(status), guards=[guard])

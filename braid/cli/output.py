@@ -31,6 +31,8 @@ def _field(obj: Message, path: str) -> str:
         if value.phase == "Rebuilding":
             return f"Rebuilding {value.rebuild_progress:.0%}"
         return value.phase or "-"
+    if fmt == "list":
+        return ",".join(value) or "-"
     if fmt == "count":
         return str(len(value))
     if fmt == "enum":

@@ -137,6 +137,8 @@ def test_same_network_across_nodes(env):
         ls = links(node)
         assert "br-blue" in ls and f"vx-{vni}" in ls and "vxlan id" in ls, ls
     assert "br-blue" not in links(env.n3)  # no port of blue there (yet)
+    wait(lambda: list(env.api.get("network", "blue").status.nodes) == sorted([env.n1.name, env.n2.name]),
+         WAIT, "blue's status to list the nodes of its ports")
     assert ep1.ping("10.10.0.12", count=3), f"ep1 (n1) cannot ping ep2 (n2) over VXLAN\n{dump(env)}"
     env.servers.append(ep2.serve_tcp(5000))
     assert ep1.tcp("10.10.0.12", 5000) == "ep2"

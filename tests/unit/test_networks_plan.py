@@ -25,3 +25,14 @@ def test_requested_vni():
 def test_requested_vni_taken_by_another():
     vni, error = choose_vni(42, 0, {42: "b"}, "a")
     assert vni == 0 and "network 'b'" in error
+
+
+def test_port_nodes_by_binding_or_vm():
+    from braid.v1 import network_pb2 as N
+    from controller.networks import port_nodes
+
+    def port(net, node="", vm=""):
+        return N.Port(spec=N.PortSpec(network=net, node=node, vm=vm))
+    ports = {"a": port("blue", node="n1"), "b": port("blue", vm="web"), "c": port("red", vm="lost"),
+             "d": port("blue", vm="web")}
+    assert port_nodes(ports, {"web": "n2", "lost": ""}) == {"blue": {"n1", "n2"}}
