@@ -132,6 +132,10 @@ class Client:
         return self._cluster_call("DrsApply", cluster_pb2.DrsApplyRequest(id=ident),
                                   cluster_pb2.DrsApplyResponse).move
 
+    def revert_volume(self, volume: str, snapshot: str) -> cluster_pb2.RevertVolumeResponse:
+        return self._cluster_call("RevertVolume", cluster_pb2.RevertVolumeRequest(volume=volume, snapshot=snapshot),
+                                  cluster_pb2.RevertVolumeResponse)
+
     def info(self) -> cluster_pb2.ClusterInfo:
         call = self.channel.unary_unary(
             "/braid.v1.ClusterService/Info",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -69,10 +70,23 @@ class ExtentRecord:
     # replicas being rebuilt: every write goes to them too (failing one drops it),
     # no read comes from them; they join ``replicas`` once their copy is complete
     joining: tuple[Replica, ...] = field(default=())
+    # snapshots and linked clones (redirect-on-write at extent granularity):
+    # ``data`` names the replica files of this extent (default: ``uid``); ``base``
+    # lists the data of the extents it was derived from, nearest first. A replica
+    # whose own files do not exist yet reads from the first base it holds, and
+    # its first write copies that base into its own files (the base itself,
+    # owned by a snapshot, never changes).
+    data: str = ""
+    base: tuple[str, ...] = field(default=())
 
     @property
     def key(self) -> str:
         return extent_key(self.volume, self.index)
+
+    @property
+    def data_id(self) -> str:
+        """The name of this extent's replica files on the disks."""
+        return self.data or self.uid
 
     def holds(self, node: str) -> Replica | None:
         """This node's replica in the current set, if any."""
@@ -122,6 +136,25 @@ class ExtentRecord:
     def unfence(self, node: str) -> "ExtentRecord":
         return self._next(fenced=tuple(n for n in self.fenced if n != node))
 
+    def freeze(self, snapshot: str, snapshot_uid: str, new_data: str) -> tuple["ExtentRecord", "ExtentRecord"]:
+        """Taking a snapshot: (the snapshot's record, this extent's next record).
+        The snapshot keeps the current data (same files, same generation: the
+        replicas need not change anything); the volume continues on
+        ``new_data``, derived from it, at the next generation (what was in
+        flight with the old one is refused)."""
+        snap = dataclasses.replace(self, volume=snapshot_extents(snapshot), uid=snapshot_uid,
+                                   data=self.data_id, joining=(), dropped=(), fenced=())
+        return snap, self._next(data=new_data, base=(self.data_id,) + self.base)
+
+    def derive(self, volume: str, uid: str, new_data: str, generation: int = 1,
+               fenced: tuple[str, ...] = ()) -> "ExtentRecord":
+        """A record of ``volume`` whose data starts as this one's (a linked
+        clone of a snapshot, or a volume reverted to it): same replicas, new
+        files that are copied from this record's on their first write."""
+        return dataclasses.replace(self, volume=volume, uid=uid, data=new_data,
+                                   base=(self.data_id,) + self.base, generation=generation,
+                                   joining=(), dropped=(), fenced=fenced)
+
     def to_json(self) -> bytes:
         return json.dumps({
             "volume": self.volume, "uid": self.uid, "index": self.index, "size": self.size,
@@ -131,6 +164,8 @@ class ExtentRecord:
                          **({"at": d.at} if d.at else {})} for d in self.dropped],
             **({"fenced": list(self.fenced)} if self.fenced else {}),
             **({"joining": [{"node": r.node, "disk": r.disk} for r in self.joining]} if self.joining else {}),
+            **({"data": self.data} if self.data and self.data != self.uid else {}),
+            **({"base": list(self.base)} if self.base else {}),
         }, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
@@ -152,6 +187,8 @@ class ExtentRecord:
                               for r in _list(d, "dropped", True)),
                 fenced=tuple(_names(d)),
                 joining=tuple(Replica(_str(r, "node"), _str(r, "disk")) for r in _list(d, "joining", True)),
+                data=_opt_id(d, "data"),
+                base=tuple(_ids(d)),
             )
         except (TypeError, AttributeError) as exc:
             raise BadRecord(str(exc)) from None
@@ -166,6 +203,23 @@ def _str(d, key: str) -> str:
     v = d[key] if isinstance(d, dict) and key in d else None
     if not isinstance(v, str) or not v:
         raise BadRecord(f"field {key!r} must be a non-empty string")
+    return v
+
+
+_ID_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")   # a directory name on the disks
+
+
+def _opt_id(d, key: str) -> str:
+    v = d.get(key, "")
+    if not isinstance(v, str) or (v and not _ID_RE.match(v)):
+        raise BadRecord(f"field {key!r} must be a data id (lowercase letters, digits, '-')")
+    return v
+
+
+def _ids(d) -> list[str]:
+    v = d.get("base", [])
+    if not isinstance(v, list) or not all(isinstance(x, str) and _ID_RE.match(x) for x in v):
+        raise BadRecord("field 'base' must be a list of data ids")
     return v
 
 
@@ -195,6 +249,19 @@ def _list(d, key: str, optional: bool = False) -> list:
     if not isinstance(v, list):
         raise BadRecord(f"field {key!r} must be a list")
     return v
+
+
+SNAPSHOT_MARK = "@"   # extent/@<snapshot>/<index>: a snapshot's records (names never contain '@')
+
+
+def snapshot_extents(snapshot: str) -> str:
+    """The ``volume`` part of a snapshot's extent records."""
+    return SNAPSHOT_MARK + snapshot
+
+
+def new_data_id() -> str:
+    import uuid
+    return str(uuid.uuid4())
 
 
 def extent_key(volume: str, index: int) -> str:

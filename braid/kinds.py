@@ -83,7 +83,11 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     _kind("volume", "Volume", "volumes", ("vol", "vols"), storage_pb2, (
         ("NAME", "metadata.name"), ("SIZE", "spec.size_bytes|bytes"),
         ("REPLICAS", "spec.replicas"), ("PHASE", "status|volphase"),
-        ("ALLOCATED", "status.allocated_bytes|bytes"))),
+        ("ALLOCATED", "status.allocated_bytes|bytes"), ("PHYSICAL", "status.physical_bytes|bytes"))),
+    _kind("snapshot", "Snapshot", "snapshots", ("snap", "snaps"), storage_pb2, (
+        ("NAME", "metadata.name"), ("VOLUME", "spec.volume"), ("PHASE", "status.phase"),
+        ("SIZE", "status.size_bytes|bytes"), ("ALLOCATED", "status.allocated_bytes|bytes"),
+        ("CREATED", "status.created_at"))),
     _kind("network", "Network", "networks", ("net", "nets"), network_pb2, (
         ("NAME", "metadata.name"), ("VNI", "status.vni"), ("MTU", "spec.mtu"),
         ("PHASE", "status.phase"), ("NODES", "status.nodes|list"))),

@@ -179,6 +179,12 @@ def _volume(obj, errs: Errors) -> None:
     if s.qos.bytes_per_second < 0:
         errs.add("spec.qos.bytes_per_second", "must not be negative")
     errs.name("spec.source_snapshot", s.source_snapshot, required=False)
+    if s.full_clone and not s.source_snapshot:
+        errs.add("spec.full_clone", "only with spec.source_snapshot")
+
+
+def _snapshot(obj, errs: Errors) -> None:
+    errs.name("spec.volume", obj.spec.volume)
 
 
 def _network(obj, errs: Errors) -> None:
@@ -265,6 +271,7 @@ def _securitygroup(obj, errs: Errors) -> None:
 
 VALIDATORS: dict[str, Callable[[Message, Errors], None]] = {
     "node": _node, "vm": _vm, "diskpool": _diskpool, "volume": _volume,
+    "snapshot": _snapshot,
     "network": _network, "subnet": _subnet, "port": _port, "router": _router,
     "securitygroup": _securitygroup,
 }

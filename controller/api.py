@@ -20,6 +20,7 @@ from braid.store import Store, StoreError
 from braid.v1 import cluster_pb2, meta_pb2
 from braid.validation import FieldError
 from controller.resources import ApiError, Resources
+from controller.snapshots import revert
 
 log = logging.getLogger("braid.controller.api")
 
@@ -182,6 +183,14 @@ def cluster_handler(store: Store, resources: Resources, cluster_name: str) -> gr
         resources.update(K.KINDS["vm"], vm)
         return cluster_pb2.DrsApplyResponse(move=move)
 
+    def revert_volume(req: cluster_pb2.RevertVolumeRequest) -> cluster_pb2.RevertVolumeResponse:
+        for field in ("volume", "snapshot"):
+            if not getattr(req, field):
+                raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"{field} is required",
+                               [FieldError(field, "required")])
+        n, pause = revert(store, req.volume, req.snapshot)
+        return cluster_pb2.RevertVolumeResponse(extents=n, pause_seconds=round(pause, 4))
+
     def guarded(fn):
         def call(req, context):
             try:
@@ -201,5 +210,8 @@ def cluster_handler(store: Store, resources: Resources, cluster_name: str) -> gr
             lambda m: m.SerializeToString()),
         "DrsApply": grpc.unary_unary_rpc_method_handler(
             guarded(apply), cluster_pb2.DrsApplyRequest.FromString, lambda m: m.SerializeToString()),
+        "RevertVolume": grpc.unary_unary_rpc_method_handler(
+            guarded(revert_volume), cluster_pb2.RevertVolumeRequest.FromString,
+            lambda m: m.SerializeToString()),
     })
 

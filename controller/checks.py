@@ -90,8 +90,10 @@ def volume_problems(store: Store, vol: Message, old: Message | None) -> list[Fie
     its replica count and extent size are fixed at creation (changing them
     means moving data: rebuilds, a later storage issue)."""
     if old is None:
-        return []
+        return clone_problems(store, vol) if vol.spec.source_snapshot else []
     out = []
+    if (vol.spec.source_snapshot, vol.spec.full_clone) != (old.spec.source_snapshot, old.spec.full_clone):
+        out.append(FieldError("spec.source_snapshot", "the clone source is fixed at creation"))
     if vol.spec.size_bytes < old.spec.size_bytes:
         out.append(FieldError("spec.size_bytes", f"a volume cannot shrink ({old.spec.size_bytes} -> "
                                                  f"{vol.spec.size_bytes} bytes)"))
@@ -100,6 +102,39 @@ def volume_problems(store: Store, vol: Message, old: Message | None) -> list[Fie
     if vol.spec.extent_size_bytes != old.spec.extent_size_bytes:
         out.append(FieldError("spec.extent_size_bytes", "cannot be changed after creation"))
     return out
+
+
+def clone_problems(store: Store, vol: Message) -> list[FieldError]:
+    """A clone needs a Ready snapshot; it is at least the snapshot's size and
+    has its extent size (extents are shared one to one)."""
+    snap_kind = K.KINDS["snapshot"]
+    name = vol.spec.source_snapshot
+    kv, st = store.get(snap_kind.spec_key(name)), store.get(snap_kind.status_key(name))
+    if kv is None:
+        return [FieldError("spec.source_snapshot", f"snapshot {name!r} not found")]
+    try:
+        snap = K.assemble(snap_kind, name, kv, st)
+    except K.CorruptObject as exc:
+        return [FieldError("spec.source_snapshot", str(exc))]
+    if snap.status.phase != "Ready":
+        return [FieldError("spec.source_snapshot", f"snapshot {name!r} is not Ready "
+                                                   f"({snap.status.phase or 'Pending'})")]
+    out = []
+    if vol.spec.size_bytes < snap.status.size_bytes:
+        out.append(FieldError("spec.size_bytes", f"a clone cannot be smaller than its snapshot "
+                                                 f"({snap.status.size_bytes} bytes)"))
+    if vol.spec.extent_size_bytes != snap.status.extent_size_bytes:
+        out.append(FieldError("spec.extent_size_bytes", f"a clone has its snapshot's extent size "
+                                                        f"({snap.status.extent_size_bytes})"))
+    return out
+
+
+def snapshot_problems(store: Store, snap: Message, old: Message | None) -> list[FieldError]:
+    if old is not None:
+        return [FieldError("spec.volume", "cannot be changed")] if snap.spec.volume != old.spec.volume else []
+    if store.get(K.KINDS["volume"].spec_key(snap.spec.volume)) is None:
+        return [FieldError("spec.volume", f"volume {snap.spec.volume!r} not found")]
+    return []
 
 
 # -- network objects ------------------------------------------------------------------
@@ -267,7 +302,7 @@ def securitygroup_problems(store: Store, sg: Message, old: Message | None) -> li
 
 CHECKS = {"vm": vm_problems, "volume": volume_problems, "subnet": subnet_problems,
           "router": router_problems, "port": port_problems,
-          "securitygroup": securitygroup_problems}
+          "securitygroup": securitygroup_problems, "snapshot": snapshot_problems}
 
 
 def problems(store: Store, kind: K.Kind, obj: Message, old: Message | None) -> list[FieldError]:

@@ -18,6 +18,7 @@ from braid.store import Election, Store
 from controller.api import cluster_handler, kind_handler
 from controller.networks import NetworkReconciler
 from controller.resources import Resources
+from controller.snapshots import SnapshotReconciler
 from controller.volumes import VolumeReconciler
 
 log = logging.getLogger("braid.controller")
@@ -42,10 +43,11 @@ def body(d: Daemon):
     d.start()
     store.revision()  # fail early (bounded retries) when etcd is unreachable
     candidate = cfg["id"] or f"{socket.gethostname()}-{os.getpid()}"
-    reconcilers: list[NetworkReconciler | VolumeReconciler] = []
+    reconcilers: list[NetworkReconciler | VolumeReconciler | SnapshotReconciler] = []
 
     def elected(e: Election) -> None:
-        for r in (NetworkReconciler(store, e), VolumeReconciler(store, e, cfg["rebuild_delay"])):
+        for r in (NetworkReconciler(store, e), VolumeReconciler(store, e, cfg["rebuild_delay"]),
+                  SnapshotReconciler(store, e)):
             reconcilers.append(r)
             r.start()
 

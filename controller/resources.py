@@ -186,12 +186,28 @@ class Resources:
         except K.CorruptObject as exc:
             raise ApiError(grpc.StatusCode.DATA_LOSS, str(exc)) from None
 
+    def _clone_defaults(self, vol: Message) -> None:
+        """A clone without a size or extent size takes its snapshot's (and its replicas)."""
+        snap_kind = K.KINDS["snapshot"]
+        st = self.store.get(snap_kind.status_key(vol.spec.source_snapshot))
+        if st is None:
+            return   # the prerequisite check says what is wrong
+        try:
+            status = K.from_json(st.value, snap_kind.status_message(), st.key)
+        except K.CorruptObject:
+            return
+        vol.spec.size_bytes = vol.spec.size_bytes or status.size_bytes
+        vol.spec.extent_size_bytes = vol.spec.extent_size_bytes or status.extent_size_bytes
+        vol.spec.replicas = vol.spec.replicas or status.replicas
+
     # -- CRUD ----------------------------------------------------------------
 
     @_store_errors
     def create(self, kind: K.Kind, obj: Message) -> Message:
         obj = type(obj).FromString(obj.SerializeToString())
         obj.ClearField("status")
+        if kind.name == "volume" and obj.spec.source_snapshot:
+            self._clone_defaults(obj)
         apply_defaults(kind, obj)
         self._validate(kind, obj)
         self._prerequisites(kind, obj, None)

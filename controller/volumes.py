@@ -45,11 +45,19 @@ def volume_status(vol: storage_pb2.Volume, records: dict[int, X.ExtentRecord],
     st = storage_pb2.VolumeStatus(extents=want, observed_generation=vol.metadata.generation)
     have = [records[i] for i in range(want) if i in records]
     st.healthy_extents = sum(1 for r in have if len(r.replicas) >= vol.spec.replicas)
-    allocated = 0
+    allocated = physical = 0
     for r in have:  # the largest replica of each extent (they converge to the same data)
-        allocated += max((usage.get(rep.node, {}).get(f"{r.uid}/{r.index}", 0) for rep in r.replicas),
-                         default=0)
+        def used(data: str) -> int | None:
+            got = [usage[rep.node][f"{data}/{r.index}"] for rep in r.replicas
+                   if f"{data}/{r.index}" in usage.get(rep.node, {})]
+            return max(got) if got else None
+        own = used(r.data_id)
+        physical += own or 0
+        if own is None:   # not written since the snapshot it derives from: the snapshot's data
+            own = next((u for u in map(used, r.base) if u is not None), 0)
+        allocated += own
     st.allocated_bytes = allocated
+    st.physical_bytes = physical
     st.exports.extend(exports)
     empty = [r.index for r in have if not r.replicas]
     short = [r for r in have if 0 < len(r.replicas) < vol.spec.replicas]
@@ -69,6 +77,11 @@ def volume_status(vol: storage_pb2.Volume, records: dict[int, X.ExtentRecord],
         st.rebuild_progress = done / total if total else 0.0
         st.message = (f"rebuilding {len(joining)} of {want} extents: {st.rebuild_progress:.0%} "
                       f"(to {', '.join(sorted({j.node for r in joining for j in r.joining}))})")
+    elif vol.spec.full_clone and any(r.base for r in have):
+        st.phase = "Cloning"
+        st.clone_progress = sum(1 for r in have if not r.base) / len(have)
+        st.message = (f"copying the extents of snapshot {vol.spec.source_snapshot}: "
+                      f"{st.clone_progress:.0%}")
     elif short:
         st.phase = "Degraded"
         lost = sorted({d.node for r in short for d in r.dropped})
@@ -137,8 +150,13 @@ class VolumeReconciler:
     def _on_other(self, key: str, kv: KV | None) -> None:
         if key.startswith("node/live/") and not key.endswith("/storaged"):
             return
-        for name in self._names():
+        for name in self._names() + self._snapshot_groups():
             self.controller.enqueue(name)
+
+    def _snapshot_groups(self) -> list[str]:
+        """``@<snapshot>`` of every snapshot with extent records (they are repaired too)."""
+        return sorted({p[0] for k in self.informers[1].keys()
+                       if (p := X.parse_key(k)) and p[0].startswith(X.SNAPSHOT_MARK)})
 
     def start(self) -> None:
         self.controller.start()
@@ -294,10 +312,46 @@ class VolumeReconciler:
 
     # -- reconcile -------------------------------------------------------------
 
+    def _reconcile_snapshot(self, group: str, guard) -> Result | None:
+        """A snapshot's extents: rebuilt like a volume's (its own reconciler
+        takes it and removes them when it is deleted)."""
+        snap_kind = K.KINDS["snapshot"]
+        status_kv = self.store.get(snap_kind.status_key(group[len(X.SNAPSHOT_MARK):]))
+        try:
+            st = K.from_json(status_kv.value, snap_kind.status_message()) if status_kv else None
+        except K.CorruptObject:
+            st = None
+        if st is None or st.phase != "Ready":
+            return None
+        wake = self._repair(group, self._records(group), st.replicas or 2, self._live_storaged(), guard)
+        if wake == RACE:
+            return Result(requeue_after=0.05)
+        return Result(requeue_after=wake + 0.1) if wake is not None else None
+
+    def _place_clone(self, vol, missing: list[int], guard) -> list[int]:
+        """Extents of a clone that its snapshot has: records derived from the
+        snapshot's (same replicas, new data that starts as the snapshot's).
+        Returns the extents left to place normally (beyond the snapshot)."""
+        source = self._records(X.snapshot_extents(vol.spec.source_snapshot))
+        derived = {i: source[i][0].derive(vol.metadata.name, vol.metadata.uid, X.new_data_id())
+                   for i in missing if i in source}
+        items = list(derived.values())
+        for i in range(0, len(items), 100):
+            try:
+                self.store.create_many({r.key: r.to_json() for r in items[i:i + 100]}, guards=[guard])
+            except AlreadyExists:
+                pass   # placed meanwhile (another pass): the next pass sees them
+        if derived:
+            log.info("volume %s: %d extents derived from snapshot %s", vol.metadata.name, len(derived),
+                     vol.spec.source_snapshot)
+        return [i for i in missing if i not in derived]
+
     def reconcile(self, name: str) -> Result | None:
         if not self.election.is_leader:
             return None
         guard = self.election.guard()
+        if name.startswith(X.SNAPSHOT_MARK):
+            return self._reconcile_snapshot(name, guard)
         spec_kv = self.store.get(KIND.spec_key(name))
         status_kv = self.store.get(KIND.status_key(name))
         records = self._records(name)
@@ -325,6 +379,14 @@ class VolumeReconciler:
         live = self._live_storaged()
         error = ""
         retry = None
+        if missing and vol.spec.source_snapshot:
+            left = self._place_clone(vol, missing, guard)
+            if len(left) < len(missing):
+                return Result(requeue_after=0.01)
+            snap_count = len(self._records(X.snapshot_extents(vol.spec.source_snapshot)))
+            if any(i < snap_count for i in left) or not snap_count:
+                error = f"snapshot {vol.spec.source_snapshot} has no extent records (deleted?)"
+                missing = []
         if missing:
             try:
                 plan = X.place(missing, vol.spec.replicas or 2, extent_size, self._candidates(live),

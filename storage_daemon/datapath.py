@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import errno
 import logging
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class VolumeInfo:
     replicas: int
     iops: int = 0                 # QoS limits (0: none)
     bytes_per_second: int = 0
+    full_clone: bool = False      # copy every extent shared with the source snapshot
 
 
 @dataclass
@@ -93,6 +95,7 @@ class Counters:
     stale_refusals: int = 0
     drops: int = 0
     checksum_errors: int = 0
+    clones: int = 0               # extents copied from their snapshot base (first writes)
 
 
 class StorageNode:
@@ -123,7 +126,8 @@ class StorageNode:
         # replicas being rebuilt here, by (uid, index): the ranges written to them by
         # mirrored writes since the copy started (the copy must never overwrite those)
         self.joins: dict[tuple[str, int], Intervals] = {}
-        self.writes: dict[tuple[str, int], int] = {}   # local writes per replica (uid, index)
+        self.writes: dict[tuple[str, int], int] = {}   # local writes per replica (data, index)
+        self._cloning: dict[tuple[str, int], asyncio.Future] = {}   # copies of a base under way
 
     # -- shared helpers --------------------------------------------------------
 
@@ -141,49 +145,81 @@ class StorageNode:
         attempt, or a replica this node lost) missed unknown writes: it is
         deleted now, on the loop, before any write of this record can land.
         When it stops joining (joined, or dropped), the notes go."""
-        key = (rec.uid, rec.index)
+        key = (rec.data_id, rec.index)
         rep = rec.joiner(self.node)
         if rep is not None and key not in self.joins:
             self.joins[key] = Intervals()
             self._open.pop(key, None)
             disk = self.disks.get(rep.disk)
-            if disk is not None and disk.get(rec.uid, rec.index) is not None:
+            if disk is not None and disk.get(rec.data_id, rec.index) is not None:
                 log.info("%s: discarding an old copy on this node before rebuilding it", rec.key)
-                disk.delete_replica(rec.uid, rec.index)
+                disk.delete_replica(rec.data_id, rec.index)
         elif rep is None and key in self.joins:
             del self.joins[key]
         return rec
 
-    async def replica(self, rec: X.ExtentRecord, create: bool) -> ReplicaFile | None:
+    async def replica(self, rec: X.ExtentRecord, create: bool, base_ok: bool = True) -> ReplicaFile | None:
         """This node's replica file of ``rec`` (None: never written here and
         not ``create``). The common case (open, same generation) stays on
         the loop; creating a replica and persisting a new generation fsync,
-        so they run in a worker thread."""
+        so they run in a worker thread.
+
+        An extent derived from a snapshot (``rec.base``) has no files of its
+        own until its first write: reads get the base's replica (read only:
+        with ``base_ok``; else None), and ``create`` copies the base into the
+        extent's own files first (redirect-on-write). As for any replica, no
+        file at all means never written: zeros."""
         mine = rec.holds(self.node) or (rec.joiner(self.node) if create else None)
         if mine is None:
             raise NbdError(errno.ESTALE, f"{self.node} is not in the replica set of {rec.key}")
         disk = self.disks.get(mine.disk)
         if disk is None:
             raise OSError(errno.ENODEV, f"disk {mine.disk} of {rec.key} is not on this node")
-        key = (rec.uid, rec.index)
+        key = (rec.data_id, rec.index)
         rf = self._open.get(key)
         if rf is None or rf.closed:
-            rf = disk.get(rec.uid, rec.index)
+            rf = disk.get(rec.data_id, rec.index)
+            src = self.base_replica(rec, disk) if rf is None and rec.base and rec.holds(self.node) else None
+            if src is not None:   # (no base file either: never written since, like any replica)
+                if not create:
+                    return src if base_ok else None
+                rf = await self._clone(disk, src, rec)
             if rf is None and create:
-                rf = await asyncio.to_thread(disk.open_replica, rec.uid, rec.index, rec.size,
+                rf = await asyncio.to_thread(disk.open_replica, rec.data_id, rec.index, rec.size,
                                              rec.generation, True)
             if rf is None:
                 return None
             self._open[key] = rf
         if rf.meta.generation < rec.generation:   # (a late request may carry an older one)
-            await asyncio.to_thread(disk.set_generation, rec.uid, rec.index, rec.generation)
+            await asyncio.to_thread(disk.set_generation, rec.data_id, rec.index, rec.generation)
         return rf
+
+    def base_replica(self, rec: X.ExtentRecord, disk: DiskStore) -> ReplicaFile | None:
+        """The nearest base of ``rec`` held on this node (its own disk first)."""
+        for data in rec.base:
+            for d in [disk] + [d for d in self.disks.values() if d is not disk]:
+                rf = d.get(data, rec.index)
+                if rf is not None:
+                    return rf
+        return None
+
+    async def _clone(self, disk: DiskStore, src: ReplicaFile, rec: X.ExtentRecord) -> ReplicaFile:
+        """Copy ``src`` into ``rec``'s own files (once, however many writes wait for it)."""
+        key = (rec.data_id, rec.index)
+        fut = self._cloning.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(asyncio.to_thread(
+                disk.clone_replica, src, rec.data_id, rec.index, rec.generation))
+            self._cloning[key] = fut
+            fut.add_done_callback(lambda _f: self._cloning.pop(key, None))
+            self.counters.clones += 1
+        return await asyncio.shield(fut)
 
     def note_write(self, rec: X.ExtentRecord, offset: int, length: int) -> None:
         """A write/zero/trim applied to this node's replica of ``rec``: counted
         (a scrub repair must not overwrite what came meanwhile), and if that
         replica is being rebuilt, the copy must leave the range alone."""
-        key = (rec.uid, rec.index)
+        key = (rec.data_id, rec.index)
         self.writes[key] = self.writes.get(key, 0) + 1
         if rec.joining:
             iv = self.joins.get(key)
@@ -214,7 +250,7 @@ class StorageNode:
     def replica_now(self, rec: X.ExtentRecord) -> ReplicaFile | None:
         """The fast path of ``replica``: this node's open replica of ``rec``
         at its generation, or None when that needs the slow path."""
-        rf = self._open.get((rec.uid, rec.index))
+        rf = self._open.get((rec.data_id, rec.index))
         if rf is None or rf.closed or rf.meta.generation != rec.generation or rec.holds(self.node) is None:
             return None
         return rf
@@ -286,7 +322,7 @@ class StorageNode:
                 rf = await self.replica(rec, create=False)
                 data = rf.read(offset, length) if rf is not None else bytes(length)
                 return self._reply(writer, req_id, 0, rec.generation, data)
-            rf = await self.replica(rec, create=True)
+            rf = await self.replica(rec, create=True)   # (an empty write only makes the replica)
             if op == P.OP_WRITE:
                 rf.write(offset, memoryview(payload))
             elif op == P.OP_ZERO:
@@ -330,6 +366,53 @@ class VolumeEngine:
         self.read_only = False
         self._dirty_local: set[ReplicaFile] = set()
         self._dirty_peers: set[str] = set()
+        # writes are held while a snapshot or revert freezes the extent map (``hold``)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.inflight = 0
+        self._settling: set[int] = set()
+
+    # -- holding writes (snapshots) ----------------------------------------------
+
+    async def hold(self, timeout: float = 10.0) -> None:
+        """Hold every new write, zero and trim; return once those in flight
+        are done (acked or failed). What was acked before is in the extent
+        map's current data, what comes after waits for ``release``."""
+        self.gate.clear()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.inflight:
+            if asyncio.get_running_loop().time() > deadline:
+                self.gate.set()
+                raise TimeoutError(f"volume {self.info.name}: {self.inflight} writes still in flight")
+            await asyncio.sleep(0.001)
+
+    def release(self) -> None:
+        self.gate.set()
+
+    async def settle(self, rec: X.ExtentRecord) -> None:
+        """A write under ``rec`` reached every replica of this derived extent:
+        each holds its own copy now, so the base is forgotten (the snapshot's
+        data may go) — only if the record is still exactly ``rec``."""
+        if rec.index in self._settling or not rec.base:
+            return
+        self._settling.add(rec.index)
+        try:
+            if await asyncio.to_thread(self.sn.etcd_cas, rec, dataclasses.replace(rec, base=())):
+                await self.sn.refresh(self.info.name, rec.index)
+        except Exception as exc:  # noqa: BLE001 - the next write tries again
+            log.debug("volume %s extent %d: base kept (%s)", self.info.name, rec.index, exc)
+        finally:
+            self._settling.discard(rec.index)
+
+    async def materialize(self, index: int) -> bool:
+        """Give every replica of the extent its own copy of its base (a full
+        clone): an empty write makes each copy it, then ``settle``. True
+        when the extent has no base (any more)."""
+        if not self._record(index).base:
+            return True
+        rec = await self._mutate(index, P.OP_WRITE, 0, 0, b"", False, settle=False)
+        await self.settle(rec)
+        return not self._record(index).base
 
     @property
     def size(self) -> int:
@@ -385,9 +468,23 @@ class VolumeEngine:
                     for idx, off, n in self._pieces(offset, length)])
 
     async def _mutate(self, index: int, op: int, off: int, n: int, data, fua: bool,
-                      punch: bool = False) -> None:
+                      punch: bool = False, settle: bool = True) -> X.ExtentRecord:
+        while not self.gate.is_set():   # a snapshot is being taken
+            await self.gate.wait()
+        self.inflight += 1
+        try:
+            rec = await self._mutate_held(index, op, off, n, data, fua, punch)
+        finally:
+            self.inflight -= 1
+        if rec.base and settle:
+            asyncio.ensure_future(self.settle(rec))
+        return rec
+
+    async def _mutate_held(self, index: int, op: int, off: int, n: int, data, fua: bool,
+                           punch: bool = False) -> X.ExtentRecord:
         """Apply one write/zero/trim to every replica of the extent's current
-        set; return when all have it (or the failed ones are dropped)."""
+        set; return (the record it was applied under) when all have it (or the
+        failed ones are dropped)."""
         wrote_locally = False
         for _attempt in range(8):
             rec = self._record(index)
@@ -421,7 +518,7 @@ class VolumeEngine:
                       if isinstance(r, BaseException) and not (isinstance(r, P.PeerError) and r.stale)]
             if failed:  # the write stands on the survivors once the record no longer lists the rest
                 if await self._drop(rec, failed) and not stale:
-                    return
+                    return dataclasses.replace(rec, base=())   # (the set changed: no settling now)
                 continue
             if stale:
                 await self.sn.refresh(self.info.name, index)
@@ -429,7 +526,7 @@ class VolumeEngine:
             for rep, _ in started:
                 if rep.node != self.sn.node and not fua:
                     self._dirty_peers.add(rep.node)
-            return
+            return rec
         raise NbdError(errno.EIO, f"extent {index} of {self.info.name}: replica set keeps changing")
 
     def _start_one(self, rec: X.ExtentRecord, rep: X.Replica, op: int, off: int, n: int, data, fua: bool,

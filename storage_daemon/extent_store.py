@@ -204,6 +204,42 @@ class ReplicaMeta:
         _check_uint("generation", self.generation)
 
 
+def _copy_sparse(src: Path, dst: Path, size: int) -> None:
+    """Copy the allocated ranges of ``src`` into a new sparse ``dst`` of
+    ``size`` bytes and fsync it."""
+    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dfd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(dfd, size)
+            pos = 0
+            while pos < size:
+                try:
+                    start = os.lseek(sfd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:   # only a hole after pos
+                        break
+                    raise
+                end = min(size, os.lseek(sfd, start, os.SEEK_HOLE))
+                off = start
+                while off < end:
+                    try:
+                        n = os.copy_file_range(sfd, dfd, end - off, off, off)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                            raise
+                        n = os.pwrite(dfd, os.pread(sfd, min(end - off, 1 << 20), off), off)
+                    if n <= 0:
+                        raise OSError(errno.EIO, f"short copy of {src} at {off}")
+                    off += n
+                pos = end
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
 def _check_uint(what: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{what} must be a non-negative integer (got {value!r})")
@@ -982,6 +1018,37 @@ class DiskStore:
         log.info("disk %s: created replica %s/%s (%d bytes, generation %d)", self.name,
                  meta.volume, meta.index, meta.extent_size, meta.generation)
         return h
+
+    def clone_replica(self, src: ReplicaFile, volume: str, index: int, generation: int) -> ReplicaFile:
+        """Create replica ``volume``/``index`` on this disk as a copy of ``src``
+        (a replica of this or another local disk, which nobody writes any more:
+        the base of a snapshot or clone). Only the allocated ranges of the data
+        file are copied (``copy_file_range``: in-kernel, no round trip through
+        Python), then the checksum sidecar; both are fsynced before the
+        ``.meta`` commit record is written, so a crash leaves either nothing or
+        a complete copy. Returns the existing replica if there is one."""
+        path = self._path(volume, index)
+        _check_uint("generation", generation)
+        key = (volume, index)
+        with self._stripe(key):
+            h = self._cached(key)
+            if h is None and self._read_meta(volume, index) is None:
+                vol_dir = path.parent
+                if not vol_dir.is_dir():
+                    vol_dir.mkdir(exist_ok=True)
+                    _fsync_dir(self._replicas)
+                src.sync()
+                meta = ReplicaMeta(volume, index, src.size, generation)
+                _copy_sparse(src.path, path, src.size)
+                _copy_sparse(src.crc_path, path.with_suffix(".crc"), src.size >> _SHIFT << 2)
+                try:
+                    _atomic_write(path.with_suffix(".meta"), meta.to_json())   # the commit point
+                except BaseException:
+                    for p in (path, path.with_suffix(".crc")):
+                        p.unlink(missing_ok=True)
+                    raise
+                log.info("disk %s: cloned replica %s/%s from %s", self.name, volume, index, src.path)
+        return self.get(volume, index)
 
     def get(self, volume: str, index: int) -> ReplicaFile | None:
         """The replica's ReplicaFile if it exists on this disk, else None."""

@@ -58,6 +58,11 @@ OPTIONS = NODE_OPTIONS + [
     Option("scrub_rate", 16.0, "MiB/s a scrub pass reads", float),
 ]
 REBUILD_PREFIX = "storage/rebuild/"   # storage/rebuild/<node> -> {"<volume>/<index>": [done, total]}
+# snapshots: the controller asks every storage daemon to hold the writes of a volume
+# (storage/quiesce/<volume> -> {"op", "timeout"}); each answers once nothing is in flight
+# (storage/quiesced/<volume>/<node> -> op) and goes on when the key is deleted
+QUIESCE_PREFIX = "storage/quiesce/"
+QUIESCED_PREFIX = "storage/quiesced/"
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -106,6 +111,7 @@ class StorageDaemon:
         self.live: dict[str, node_pb2.DaemonStatus] = {}
         self._stop = threading.Event()
         self._last_scrub = storage_pb2.ScrubStatus()
+        self.held: dict[str, str] = {}   # volume -> op of the hold in force (on the loop)
 
     # -- set-up (before presence: the bound addresses go into it) --------------------
 
@@ -266,7 +272,8 @@ class StorageDaemon:
             return
         info = VolumeInfo(name, vol.metadata.uid, vol.spec.size_bytes,
                           vol.spec.extent_size_bytes or X.DEFAULT_EXTENT_SIZE, vol.spec.replicas or 2,
-                          vol.spec.qos.iops, vol.spec.qos.bytes_per_second)
+                          vol.spec.qos.iops, vol.spec.qos.bytes_per_second,
+                          full_clone=bool(vol.spec.source_snapshot and vol.spec.full_clone))
         asyncio.run_coroutine_threadsafe(self._volume_seen(info), self.loop)
 
     async def _volume_seen(self, info: VolumeInfo) -> None:
@@ -274,7 +281,9 @@ class StorageDaemon:
         if eng is not None and eng.info.uid == info.uid:
             eng.update(info)  # resize, QoS: visible to the next request
         else:
-            self.sn.engines[info.name] = VolumeEngine(self.sn, info)
+            eng = self.sn.engines[info.name] = VolumeEngine(self.sn, info)
+            if info.name in self.held:   # made while a snapshot of it is being taken
+                eng.gate.clear()
         try:
             await self._open_socket(info.name, info.uid)
         except OSError as exc:
@@ -283,6 +292,78 @@ class StorageDaemon:
     def _volume_gone(self, name: str) -> None:
         self.sn.engines.pop(name, None)
         asyncio.ensure_future(self._close_socket(name))
+
+    # -- holding writes for snapshots -------------------------------------------------
+
+    def _on_quiesce(self, key: str, kv) -> None:
+        volume = key[len(QUIESCE_PREFIX):]
+        if not volume or "/" in volume:
+            return
+        if kv is None:
+            asyncio.run_coroutine_threadsafe(self._release(volume), self.loop)
+            return
+        try:
+            d = json.loads(kv.value)
+            op, timeout = str(d["op"]), float(d.get("timeout", 30.0))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("ignoring malformed %s: %s", key, exc)
+            return
+        asyncio.run_coroutine_threadsafe(self._hold(volume, op, max(1.0, min(timeout, 300.0))), self.loop)
+
+    async def _hold(self, volume: str, op: str, timeout: float) -> None:
+        if self.held.get(volume) == op:
+            return
+        self.held[volume] = op
+        eng = self.sn.engines.get(volume)
+        try:
+            if eng is not None:
+                await eng.hold(timeout=min(10.0, timeout))
+            await asyncio.to_thread(self.store.put, f"{QUIESCED_PREFIX}{volume}/{self.node}", op.encode())
+        except Exception as exc:  # noqa: BLE001 - no answer: the snapshot fails, writes go on
+            log.error("volume %s: cannot hold writes for %s: %s", volume, op, exc)
+            await self._release(volume)
+            return
+        log.info("volume %s: writes held (%s)", volume, op)
+        self.loop.call_later(timeout, lambda: self._expire(volume, op, timeout))
+
+    def _expire(self, volume: str, op: str, timeout: float) -> None:
+        if self.held.get(volume) == op:
+            log.error("volume %s: writes held for %.0fs without a release (controller gone?); "
+                      "going on", volume, timeout)
+            asyncio.ensure_future(self._release(volume))
+
+    async def _release(self, volume: str) -> None:
+        if self.held.pop(volume, None) is None:
+            return
+        try:   # the new extent map was written before the release: have it before any write goes out
+            kvs, _ = await asyncio.to_thread(self.store.list, X.volume_prefix(volume))
+            for kv in kvs:
+                try:
+                    self._extent_seen(X.ExtentRecord.from_json(kv.value), kv.mod_revision)
+                except X.BadRecord:
+                    pass
+        except StoreError as exc:   # stale records get refused (ESTALE) and re-read
+            log.warning("volume %s: re-reading its extents after a hold: %s", volume, exc)
+        eng = self.sn.engines.get(volume)
+        if eng is not None:
+            eng.release()
+        log.info("volume %s: writes go on", volume)
+
+    async def _materialize_forever(self) -> None:
+        """Full clones: copy every extent still shared with the snapshot into
+        the clone's own files (on the extents whose first member is this node)."""
+        while True:
+            await asyncio.sleep(1.0)
+            for eng in list(self.sn.engines.values()):
+                if not eng.info.full_clone:
+                    continue
+                for rec in [r for r in list(self.view.records.values())
+                            if r.volume == eng.info.name and r.base and r.replicas
+                            and r.replicas[0].node == self.node]:
+                    try:
+                        await eng.materialize(rec.index)
+                    except Exception as exc:  # noqa: BLE001 - tried again in a moment
+                        log.warning("full clone %s extent %d: %s", eng.info.name, rec.index, exc)
 
     def _on_live(self, key: str, kv) -> None:
         parts = key.split("/")
@@ -308,6 +389,9 @@ class StorageDaemon:
             inf.synced.wait(30)
         self.informers.append(Informer(store, "volume/spec/", self._on_volume,
                                        name="storaged-volumes").start())
+        self.informers.append(Informer(store, QUIESCE_PREFIX, self._on_quiesce,
+                                       name="storaged-quiesce").start())
+        self._materializer = asyncio.run_coroutine_threadsafe(self._materialize_forever(), self.loop)
         if self.scrub_on:
             self._scrub_task = asyncio.run_coroutine_threadsafe(self.scrubber.run_forever(), self.loop)
         self._reporter = threading.Thread(target=self._report_loop, name="storaged-report", daemon=True)
@@ -427,30 +511,35 @@ class StorageDaemon:
         set: e.g. this node was away; a rebuild makes a fresh copy if one is
         needed). Re-checked against a fresh etcd listing, deleted on the loop
         (never one a rebuild is filling)."""
-        mine = {(r.uid, r.index) for r in list(self.view.records.values()) if r.writable(self.node)}
+        recs = list(self.view.records.values())
+        mine = {(r.data_id, r.index) for r in recs if r.writable(self.node)}
+        mine |= {(b, r.index) for r in recs for b in r.base}   # bases of snapshots' derivatives
         suspects = [(disk, m) for disk in self.disks.values() for m in disk.replicas()
                     if (m.volume, m.index) not in mine]
         if not suspects:
             return
         kvs, _ = self.store.list(X.PREFIX)
-        records = {}
+        records, bases = {}, set()
         for kv in kvs:
             try:
                 rec = X.ExtentRecord.from_json(kv.value)
             except X.BadRecord:
                 return  # cannot be sure what is referenced: keep everything
-            records[(rec.uid, rec.index)] = rec
+            records[(rec.data_id, rec.index)] = rec
+            bases |= {(b, rec.index) for b in rec.base}
         for disk, m in suspects:
             rec = records.get((m.volume, m.index))
-            if rec is not None and rec.writable(self.node):
+            if (rec is not None and rec.writable(self.node)) or (m.volume, m.index) in bases:
                 continue
             why = "its volume is gone" if rec is None else f"dropped from {rec.key}"
             if self._call(self._reclaim(disk, m.volume, m.index)):
                 log.info("reclaimed replica %s/%d on disk %s (%s)", m.volume, m.index, disk.name, why)
 
     async def _reclaim(self, disk: DiskStore, uid: str, index: int) -> bool:
-        rec = next((r for r in self.view.records.values() if r.uid == uid and r.index == index), None)
-        if (uid, index) in self.sn.joins or (rec is not None and rec.writable(self.node)):
+        recs = list(self.view.records.values())
+        rec = next((r for r in recs if r.data_id == uid and r.index == index), None)
+        if (uid, index) in self.sn.joins or (rec is not None and rec.writable(self.node)) \
+                or any(r.index == index and uid in r.base for r in recs) or (uid, index) in self.sn._cloning:
             return False
         self.sn.forget(uid, index)
         disk.delete_replica(uid, index)

@@ -54,9 +54,9 @@ class Rebuilder:
         """On the loop, after the extent view changed: start a copy for every
         extent where this node is joining and none runs yet."""
         for rec in list(self.sn.view.records.values()):
-            key = (rec.uid, rec.index)
+            key = (rec.data_id, rec.index)
             if rec.joiner(self.sn.node) is not None and key not in self.tasks:
-                t = asyncio.get_running_loop().create_task(self._run(rec.volume, rec.index, rec.uid))
+                t = asyncio.get_running_loop().create_task(self._run(rec.volume, rec.index, rec.data_id))
                 self.tasks[key] = t
                 t.add_done_callback(lambda _t, key=key: self.tasks.pop(key, None))
 
@@ -67,13 +67,15 @@ class Rebuilder:
         if self._budget_t - now > 0.001:
             await asyncio.sleep(self._budget_t - now)
 
-    def _current(self, volume: str, index: int, uid: str) -> X.ExtentRecord | None:
+    def _current(self, volume: str, index: int, data: str) -> X.ExtentRecord | None:
+        """The record while this node still rebuilds the same data of it."""
         rec = self.sn.view.get(volume, index)
-        if rec is None or rec.uid != uid or rec.joiner(self.sn.node) is None:
+        if rec is None or rec.data_id != data or rec.joiner(self.sn.node) is None:
             return None
         return rec
 
     async def _run(self, volume: str, index: int, uid: str) -> None:
+        """Copy extent ``index`` of ``volume`` whose data is ``uid`` (the record's data_id)."""
         sn, key = self.sn, (uid, index)
         try:
             rec = self._current(volume, index, uid)
@@ -141,7 +143,7 @@ class Rebuilder:
                     continue
                 try:
                     _, data = await self.sn.peer(src.node).call(
-                        P.OP_READ, volume, uid, index, rec.generation, off, n,
+                        P.OP_READ, volume, rec.uid, index, rec.generation, off, n,
                         timeout=max(10.0, 5 * self.sn.peer_timeout))
                     return rec, data
                 except P.PeerError as exc:

@@ -74,7 +74,7 @@ class Scrubber:
         t0, self._pass_bytes = time.monotonic(), 0
         for rec in sorted(self.sn.view.records.values(), key=lambda r: (r.volume, r.index)):
             if rec.holds(self.sn.node) is not None:
-                await self.scrub_extent(rec.volume, rec.index, rec.uid)
+                await self.scrub_extent(rec.volume, rec.index, rec.data_id)
         st = self.status
         st.passes += 1
         st.last_pass_seconds = round(time.monotonic() - t0, 3)
@@ -85,9 +85,10 @@ class Scrubber:
                  st.repaired, st.unrepaired, st.mismatches)
         return st
 
-    def _current(self, volume: str, index: int, uid: str) -> X.ExtentRecord | None:
+    def _current(self, volume: str, index: int, data: str) -> X.ExtentRecord | None:
+        """The record while this node holds the same data of it (``data``: its data_id)."""
         rec = self.sn.view.get(volume, index)
-        if rec is None or rec.uid != uid or rec.holds(self.sn.node) is None:
+        if rec is None or rec.data_id != data or rec.holds(self.sn.node) is None:
             return None
         return rec
 
@@ -98,9 +99,9 @@ class Scrubber:
             rec = self._current(volume, index, uid)
             if rec is None or off >= rec.size:
                 return
-            rf = await self.sn.replica(rec, create=False)
+            rf = await self.sn.replica(rec, create=False, base_ok=False)
             if rf is None:
-                return   # never written here
+                return   # never written here (or still the snapshot's data: scrubbed as the snapshot's)
             n = min(self.chunk, rec.size - off)
             await self._throttle(n)
             rec = self._current(volume, index, uid)
@@ -114,7 +115,9 @@ class Scrubber:
 
     async def _verify(self, rec: X.ExtentRecord, off: int, n: int) -> bytes | None:
         """The chunk, checksums verified; bad blocks repaired first."""
-        rf = await self.sn.replica(rec, create=False)
+        rf = await self.sn.replica(rec, create=False, base_ok=False)
+        if rf is None:
+            return None
         try:
             return bytes(rf.read(off, n))
         except ChecksumError:
@@ -132,9 +135,9 @@ class Scrubber:
             return None
 
     async def _repair(self, rec: X.ExtentRecord, off: int, n: int) -> None:
-        key = (rec.uid, rec.index)
+        key = (rec.data_id, rec.index)
         for _attempt in range(5):
-            rec = self._current(rec.volume, rec.index, rec.uid) or rec
+            rec = self._current(rec.volume, rec.index, rec.data_id) or rec
             seq = self.sn.writes.get(key, 0)
             data = None
             for src in rec.replicas:
@@ -146,7 +149,9 @@ class Scrubber:
                     break
                 except (P.PeerError, P.PeerUnavailable, asyncio.TimeoutError, OSError) as exc:
                     log.warning("scrub repair of %s at %d: %s: %s", rec.key, off, src.node, exc)
-            rf = await self.sn.replica(rec, create=False)
+            rf = await self.sn.replica(rec, create=False, base_ok=False)
+            if rf is None:
+                return
             if self.sn.writes.get(key, 0) != seq:   # a write came meanwhile: look again
                 try:
                     rf.read(off, n)
@@ -183,7 +188,7 @@ class Scrubber:
                               rec.key, off, off + n, self.sn.node, src.node)
                     break
                 await asyncio.sleep(0.2)
-                rec2 = self._current(rec.volume, rec.index, rec.uid)
+                rec2 = self._current(rec.volume, rec.index, rec.data_id)
                 if rec2 is None:
                     return
                 rec = rec2

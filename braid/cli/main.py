@@ -22,6 +22,7 @@ import grpc
 
 from braid import kinds as K
 from braid.cli import manifests, output
+from braid.cli import pki as pki_cli
 from braid.cli import vm as vm_cli
 from braid.client import ApiCallError, Client
 from braid.localcluster import ClusterError, LocalCluster, default_data_dir
@@ -106,7 +107,7 @@ def cmd_describe(args) -> int:
 
 # objects referred to by others come first (a VM needs its volume and network)
 KIND_ORDER = ["node", "diskpool", "network", "router", "subnet", "securitygroup", "port",
-              "volume", "vm"]
+              "volume", "snapshot", "vm"]
 
 
 def _docs(args) -> list[manifests.Doc]:
@@ -419,6 +420,58 @@ def cmd_volume_resize(args) -> int:
     return 0
 
 
+def cmd_volume_snapshot(args) -> int:
+    from braid.v1 import storage_pb2
+    snap = storage_pb2.Snapshot()
+    snap.metadata.name = args.snapshot
+    snap.spec.volume = args.name
+    with client(args) as c:
+        c.create(snap)
+        print(f"snapshot/{args.snapshot} of volume {args.name} requested", flush=True)
+        if not args.wait:
+            return 0
+        deadline = time.monotonic() + args.wait
+        while True:
+            st = c.get("snapshot", args.snapshot).status
+            if st.phase == "Ready":
+                print(f"snapshot/{args.snapshot} ready: {st.extents} extents, "
+                      f"writes held {st.pause_seconds * 1000:.0f} ms")
+                return 0
+            if st.phase == "Failed":
+                raise ApiCallError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"snapshot {args.snapshot} failed: {st.message}")
+            if time.monotonic() > deadline:
+                raise ApiCallError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"snapshot {args.snapshot} not ready after {args.wait:.0f}s "
+                                   f"({st.phase or 'Pending'}: {st.message})")
+            time.sleep(0.1)
+
+
+def cmd_volume_revert(args) -> int:
+    with client(args) as c:
+        r = c.revert_volume(args.name, args.to)
+    print(f"volume/{args.name} reverted to snapshot {args.to} ({r.extents} extents, "
+          f"writes held {r.pause_seconds * 1000:.0f} ms)")
+    return 0
+
+
+def cmd_volume_clone(args) -> int:
+    from braid.v1 import storage_pb2
+    vol = storage_pb2.Volume()
+    vol.metadata.name = args.name
+    vol.spec.source_snapshot = args.snapshot
+    vol.spec.full_clone = args.full
+    if args.size:
+        vol.spec.size_bytes = parse_size(args.size)
+    with client(args) as c:
+        c.create(vol)
+        print(f"volume/{args.name} created as a {'full' if args.full else 'linked'} clone of "
+              f"snapshot {args.snapshot}", flush=True)
+        if args.wait:
+            _wait_volume(c, args.name, args.wait)
+    return 0
+
+
 def _wait_volume(c: Client, name: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     last = None
@@ -430,7 +483,7 @@ def _wait_volume(c: Client, name: str, timeout: float) -> None:
         if line != last:
             print(line, file=sys.stderr, flush=True)
             last = line
-        if st.phase in ("Healthy", "Degraded") and st.observed_generation >= vol.metadata.generation:
+        if st.phase in ("Healthy", "Degraded", "Cloning") and st.observed_generation >= vol.metadata.generation:
             for e in st.exports:
                 print(f"  {e.node}: {e.uri}")
             return
@@ -659,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_drs_apply)
     dp.set_defaults(fn=lambda a: (dp.print_help(), 2)[1])
 
-    vop = sub.add_parser("volume", help="create and resize replicated volumes")
+    vop = sub.add_parser("volume", help="create, resize, snapshot, revert and clone replicated volumes")
     vosub = vop.add_subparsers(dest="volume_command", metavar="ACTION")
     sp = vosub.add_parser("create", help="create a volume (its extents are placed on the nodes' disks)")
     sp.add_argument("name")
@@ -676,6 +729,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--wait", type=float, default=30, metavar="SECONDS",
                     help="wait until the new extents are placed (0: return at once)")
     sp.set_defaults(fn=cmd_volume_resize)
+    sp = vosub.add_parser("snapshot", help="take a crash-consistent snapshot (copies no data)")
+    sp.add_argument("name", help="the volume")
+    sp.add_argument("snapshot", help="name of the new snapshot")
+    sp.add_argument("--wait", type=float, default=30, metavar="SECONDS",
+                    help="wait until it is Ready (0: return at once)")
+    sp.set_defaults(fn=cmd_volume_snapshot)
+    sp = vosub.add_parser("revert", help="make a volume's data that of one of its snapshots "
+                                         "(stop the VMs using it first)")
+    sp.add_argument("name")
+    sp.add_argument("--to", required=True, metavar="SNAPSHOT")
+    sp.set_defaults(fn=cmd_volume_revert)
+    sp = vosub.add_parser("clone", help="a new volume from a snapshot: linked (shares its data until "
+                                        "written) or --full (copies it)")
+    sp.add_argument("snapshot")
+    sp.add_argument("name", help="name of the new volume")
+    sp.add_argument("--full", action="store_true", help="copy every extent (no sharing left)")
+    sp.add_argument("--size", help="larger than the snapshot (default: its size)")
+    sp.add_argument("--wait", type=float, default=30, metavar="SECONDS",
+                    help="wait until placed and print the NBD URIs (0: return at once)")
+    sp.set_defaults(fn=cmd_volume_clone)
     sp = vosub.add_parser("describe", help="a volume in full: phase, extents, allocation, NBD URIs")
     sp.add_argument("name")
     outputs(sp, ("text", "json", "yaml"), "text")
@@ -698,6 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     outputs(sp, ("text", "json"), "text")
     sp.set_defaults(fn=cmd_cluster_status)
     cl.set_defaults(fn=lambda a: (cl.print_help(), 2)[1])
+
+    pki_cli.add_parser(sub)
 
     dv = sub.add_parser("dev", help="developer tools")
     dsub = dv.add_subparsers(dest="dev_command", metavar="ACTION")

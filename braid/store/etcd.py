@@ -349,6 +349,24 @@ class Store:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise AlreadyExists(f"{existing[0]} already exists{more}", keys=existing)
 
+    def apply_many(self, creates: dict[str, bytes], updates: dict[str, tuple[bytes, int]],
+                   guards: Sequence[Guard] = ()) -> int:
+        """In one transaction: create every key of ``creates`` (only if absent)
+        and replace every key of ``updates`` (only if still at its mod
+        revision). Returns the new revision; Conflict if any condition failed
+        (nothing written). Keep it under etcd's --max-txn-ops (default 128)."""
+        cmp = [etcdrpc.Compare(key=self._k(k), result=etcdrpc.Compare.EQUAL,
+                               target=etcdrpc.Compare.CREATE, create_revision=0) for k in creates]
+        cmp += [etcdrpc.Compare(key=self._k(k), result=etcdrpc.Compare.EQUAL,
+                                target=etcdrpc.Compare.MOD, mod_revision=rev) for k, (_, rev) in updates.items()]
+        ops = [self._put_op(k, v, 0) for k, v in creates.items()]
+        ops += [self._put_op(k, v, 0) for k, (v, _) in updates.items()]
+        resp = self._txn(cmp + self._guards(guards), ops)
+        if resp.succeeded:
+            return resp.header.revision
+        self._check_guards(guards)
+        raise Conflict(f"{len(creates) + len(updates)} keys changed meanwhile")
+
     def update(
         self, key: str, value: bytes, mod_revision: int, lease: int = 0,
         guards: Sequence[Guard] = (),

@@ -102,3 +102,19 @@ class DrsApplyResponse(_message.Message):
     MOVE_FIELD_NUMBER: _ClassVar[int]
     move: DrsMove
     def __init__(self, move: _Optional[_Union[DrsMove, _Mapping]] = ...) -> None: ...
+
+class RevertVolumeRequest(_message.Message):
+    __slots__ = ("volume", "snapshot")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    snapshot: str
+    def __init__(self, volume: _Optional[str] = ..., snapshot: _Optional[str] = ...) -> None: ...
+
+class RevertVolumeResponse(_message.Message):
+    __slots__ = ("extents", "pause_seconds")
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    extents: int
+    pause_seconds: float
+    def __init__(self, extents: _Optional[int] = ..., pause_seconds: _Optional[float] = ...) -> None: ...

@@ -49,6 +49,11 @@ class ClusterServiceStub:
                 request_serializer=braid_dot_v1_dot_cluster__pb2.DrsApplyRequest.SerializeToString,
                 response_deserializer=braid_dot_v1_dot_cluster__pb2.DrsApplyResponse.FromString,
                 _registered_method=True)
+        self.RevertVolume = channel.unary_unary(
+                '/braid.v1.ClusterService/RevertVolume',
+                request_serializer=braid_dot_v1_dot_cluster__pb2.RevertVolumeRequest.SerializeToString,
+                response_deserializer=braid_dot_v1_dot_cluster__pb2.RevertVolumeResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServiceServicer:
@@ -72,6 +77,12 @@ class ClusterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevertVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     servicer.DrsApply,
                     request_deserializer=braid_dot_v1_dot_cluster__pb2.DrsApplyRequest.FromString,
                     response_serializer=braid_dot_v1_dot_cluster__pb2.DrsApplyResponse.SerializeToString,
+            ),
+            'RevertVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevertVolume,
+                    request_deserializer=braid_dot_v1_dot_cluster__pb2.RevertVolumeRequest.FromString,
+                    response_serializer=braid_dot_v1_dot_cluster__pb2.RevertVolumeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class ClusterService:
             '/braid.v1.ClusterService/DrsApply',
             braid_dot_v1_dot_cluster__pb2.DrsApplyRequest.SerializeToString,
             braid_dot_v1_dot_cluster__pb2.DrsApplyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevertVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/braid.v1.ClusterService/RevertVolume',
+            braid_dot_v1_dot_cluster__pb2.RevertVolumeRequest.SerializeToString,
+            braid_dot_v1_dot_cluster__pb2.RevertVolumeResponse.FromString,
             options,
             channel_credentials,
             insecure,

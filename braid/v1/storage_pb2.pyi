@@ -110,18 +110,20 @@ class VolumeQoS(_message.Message):
     def __init__(self, iops: _Optional[int] = ..., bytes_per_second: _Optional[int] = ...) -> None: ...
 
 class VolumeSpec(_message.Message):
-    __slots__ = ("size_bytes", "replicas", "extent_size_bytes", "qos", "source_snapshot")
+    __slots__ = ("size_bytes", "replicas", "extent_size_bytes", "qos", "source_snapshot", "full_clone")
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     EXTENT_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     QOS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    FULL_CLONE_FIELD_NUMBER: _ClassVar[int]
     size_bytes: int
     replicas: int
     extent_size_bytes: int
     qos: VolumeQoS
     source_snapshot: str
-    def __init__(self, size_bytes: _Optional[int] = ..., replicas: _Optional[int] = ..., extent_size_bytes: _Optional[int] = ..., qos: _Optional[_Union[VolumeQoS, _Mapping]] = ..., source_snapshot: _Optional[str] = ...) -> None: ...
+    full_clone: bool
+    def __init__(self, size_bytes: _Optional[int] = ..., replicas: _Optional[int] = ..., extent_size_bytes: _Optional[int] = ..., qos: _Optional[_Union[VolumeQoS, _Mapping]] = ..., source_snapshot: _Optional[str] = ..., full_clone: _Optional[bool] = ...) -> None: ...
 
 class VolumeExport(_message.Message):
     __slots__ = ("node", "uri")
@@ -132,7 +134,7 @@ class VolumeExport(_message.Message):
     def __init__(self, node: _Optional[str] = ..., uri: _Optional[str] = ...) -> None: ...
 
 class VolumeStatus(_message.Message):
-    __slots__ = ("phase", "allocated_bytes", "extents", "healthy_extents", "exports", "message", "observed_generation", "rebuild_progress")
+    __slots__ = ("phase", "allocated_bytes", "extents", "healthy_extents", "exports", "message", "observed_generation", "rebuild_progress", "physical_bytes", "clone_progress")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     EXTENTS_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +143,8 @@ class VolumeStatus(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_GENERATION_FIELD_NUMBER: _ClassVar[int]
     REBUILD_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    PHYSICAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CLONE_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     phase: str
     allocated_bytes: int
     extents: int
@@ -149,7 +153,9 @@ class VolumeStatus(_message.Message):
     message: str
     observed_generation: int
     rebuild_progress: float
-    def __init__(self, phase: _Optional[str] = ..., allocated_bytes: _Optional[int] = ..., extents: _Optional[int] = ..., healthy_extents: _Optional[int] = ..., exports: _Optional[_Iterable[_Union[VolumeExport, _Mapping]]] = ..., message: _Optional[str] = ..., observed_generation: _Optional[int] = ..., rebuild_progress: _Optional[float] = ...) -> None: ...
+    physical_bytes: int
+    clone_progress: float
+    def __init__(self, phase: _Optional[str] = ..., allocated_bytes: _Optional[int] = ..., extents: _Optional[int] = ..., healthy_extents: _Optional[int] = ..., exports: _Optional[_Iterable[_Union[VolumeExport, _Mapping]]] = ..., message: _Optional[str] = ..., observed_generation: _Optional[int] = ..., rebuild_progress: _Optional[float] = ..., physical_bytes: _Optional[int] = ..., clone_progress: _Optional[float] = ...) -> None: ...
 
 class Volume(_message.Message):
     __slots__ = ("metadata", "spec", "status")
@@ -178,3 +184,61 @@ class VolumeEvent(_message.Message):
     object: Volume
     revision: int
     def __init__(self, type: _Optional[_Union[_meta_pb2.EventType, str]] = ..., object: _Optional[_Union[Volume, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class SnapshotSpec(_message.Message):
+    __slots__ = ("volume",)
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    def __init__(self, volume: _Optional[str] = ...) -> None: ...
+
+class SnapshotStatus(_message.Message):
+    __slots__ = ("phase", "message", "volume_uid", "size_bytes", "extent_size_bytes", "extents", "replicas", "allocated_bytes", "created_at", "pause_seconds")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_UID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXTENT_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    message: str
+    volume_uid: str
+    size_bytes: int
+    extent_size_bytes: int
+    extents: int
+    replicas: int
+    allocated_bytes: int
+    created_at: str
+    pause_seconds: float
+    def __init__(self, phase: _Optional[str] = ..., message: _Optional[str] = ..., volume_uid: _Optional[str] = ..., size_bytes: _Optional[int] = ..., extent_size_bytes: _Optional[int] = ..., extents: _Optional[int] = ..., replicas: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., created_at: _Optional[str] = ..., pause_seconds: _Optional[float] = ...) -> None: ...
+
+class Snapshot(_message.Message):
+    __slots__ = ("metadata", "spec", "status")
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    metadata: _meta_pb2.ObjectMeta
+    spec: SnapshotSpec
+    status: SnapshotStatus
+    def __init__(self, metadata: _Optional[_Union[_meta_pb2.ObjectMeta, _Mapping]] = ..., spec: _Optional[_Union[SnapshotSpec, _Mapping]] = ..., status: _Optional[_Union[SnapshotStatus, _Mapping]] = ...) -> None: ...
+
+class SnapshotList(_message.Message):
+    __slots__ = ("items", "resource_version")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Snapshot]
+    resource_version: int
+    def __init__(self, items: _Optional[_Iterable[_Union[Snapshot, _Mapping]]] = ..., resource_version: _Optional[int] = ...) -> None: ...
+
+class SnapshotEvent(_message.Message):
+    __slots__ = ("type", "object", "revision")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    type: _meta_pb2.EventType
+    object: Snapshot
+    revision: int
+    def __init__(self, type: _Optional[_Union[_meta_pb2.EventType, str]] = ..., object: _Optional[_Union[Snapshot, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...

@@ -598,3 +598,290 @@ class VolumeService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class SnapshotServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Create = channel.unary_unary(
+                '/braid.v1.SnapshotService/Create',
+                request_serializer=braid_dot_v1_dot_storage__pb2.Snapshot.SerializeToString,
+                response_deserializer=braid_dot_v1_dot_storage__pb2.Snapshot.FromString,
+                _registered_method=True)
+        self.Get = channel.unary_unary(
+                '/braid.v1.SnapshotService/Get',
+                request_serializer=braid_dot_v1_dot_meta__pb2.GetRequest.SerializeToString,
+                response_deserializer=braid_dot_v1_dot_storage__pb2.Snapshot.FromString,
+                _registered_method=True)
+        self.List = channel.unary_unary(
+                '/braid.v1.SnapshotService/List',
+                request_serializer=braid_dot_v1_dot_meta__pb2.ListRequest.SerializeToString,
+                response_deserializer=braid_dot_v1_dot_storage__pb2.SnapshotList.FromString,
+                _registered_method=True)
+        self.Update = channel.unary_unary(
+                '/braid.v1.SnapshotService/Update',
+                request_serializer=braid_dot_v1_dot_storage__pb2.Snapshot.SerializeToString,
+                response_deserializer=braid_dot_v1_dot_storage__pb2.Snapshot.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/braid.v1.SnapshotService/Delete',
+                request_serializer=braid_dot_v1_dot_meta__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=braid_dot_v1_dot_meta__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/braid.v1.SnapshotService/Watch',
+                request_serializer=braid_dot_v1_dot_meta__pb2.WatchRequest.SerializeToString,
+                response_deserializer=braid_dot_v1_dot_storage__pb2.SnapshotEvent.FromString,
+                _registered_method=True)
+
+
+class SnapshotServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Create(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Get(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def List(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Update(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SnapshotServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Create': grpc.unary_unary_rpc_method_handler(
+                    servicer.Create,
+                    request_deserializer=braid_dot_v1_dot_storage__pb2.Snapshot.FromString,
+                    response_serializer=braid_dot_v1_dot_storage__pb2.Snapshot.SerializeToString,
+            ),
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=braid_dot_v1_dot_meta__pb2.GetRequest.FromString,
+                    response_serializer=braid_dot_v1_dot_storage__pb2.Snapshot.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=braid_dot_v1_dot_meta__pb2.ListRequest.FromString,
+                    response_serializer=braid_dot_v1_dot_storage__pb2.SnapshotList.SerializeToString,
+            ),
+            'Update': grpc.unary_unary_rpc_method_handler(
+                    servicer.Update,
+                    request_deserializer=braid_dot_v1_dot_storage__pb2.Snapshot.FromString,
+                    response_serializer=braid_dot_v1_dot_storage__pb2.Snapshot.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=braid_dot_v1_dot_meta__pb2.DeleteRequest.FromString,
+                    response_serializer=braid_dot_v1_dot_meta__pb2.DeleteResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=braid_dot_v1_dot_meta__pb2.WatchRequest.FromString,
+                    response_serializer=braid_dot_v1_dot_storage__pb2.SnapshotEvent.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'braid.v1.SnapshotService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('braid.v1.SnapshotService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SnapshotService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Create(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/braid.v1.SnapshotService/Create',
+            braid_dot_v1_dot_storage__pb2.Snapshot.SerializeToString,
+            braid_dot_v1_dot_storage__pb2.Snapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/braid.v1.SnapshotService/Get',
+            braid_dot_v1_dot_meta__pb2.GetRequest.SerializeToString,
+            braid_dot_v1_dot_storage__pb2.Snapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/braid.v1.SnapshotService/List',
+            braid_dot_v1_dot_meta__pb2.ListRequest.SerializeToString,
+            braid_dot_v1_dot_storage__pb2.SnapshotList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Update(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/braid.v1.SnapshotService/Update',
+            braid_dot_v1_dot_storage__pb2.Snapshot.SerializeToString,
+            braid_dot_v1_dot_storage__pb2.Snapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/braid.v1.SnapshotService/Delete',
+            braid_dot_v1_dot_meta__pb2.DeleteRequest.SerializeToString,
+            braid_dot_v1_dot_meta__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/braid.v1.SnapshotService/Watch',
+            braid_dot_v1_dot_meta__pb2.WatchRequest.SerializeToString,
+            braid_dot_v1_dot_storage__pb2.SnapshotEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -90,7 +90,7 @@ def test_rebuild_copies_while_writes_go_on(tmp_path):
         # the copy was still running: the mirrored writes were noted for it
         assert cl.etcd.recs[("v", 0)].joiner("n3") and cl.nodes["n3"].joins[(UID, 0)].spans
         for _ in range(200):
-            if cl.etcd.recs[("v", 0)].holds("n3"):
+            if cl.etcd.recs[("v", 0)].holds("n3") and rb.completed:   # (it counts after its refresh)
                 break
             await asyncio.sleep(0.05)
             cl.sync_views()
