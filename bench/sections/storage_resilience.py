@@ -41,8 +41,21 @@ serves as source for the others). Param ``overlap``: share of the measured
 window during which the rebuild was running (records polled every 0.1 s);
 the volume is sized for the rebuild to outlast the window (cap 2 x 64 MiB/s).
 
-Not measured: ``snapshot_create_seconds`` and ``linked_clone_create_seconds``
--- Braid has no snapshots or linked clones yet, so there is nothing to time.
+``snapshot_create_seconds``: a 10 GiB volume (160 extents of 64 MiB,
+replicas=2; quick and full alike: a snapshot copies no data, so its time
+depends on the number of extents, not on what is written; 256 MiB of it is
+written first) gets ``SNAPSHOTS`` snapshots one after the other while fio
+writes to it (randwrite 4k, iodepth 16, through node 1, time based). Time: the
+API Create until the snapshot's status is Ready (polled every 5 ms), median
+of the samples; params: ``pause_ms`` (median of ``status.pause_seconds``: how
+long the daemons held the volume's writes), ``fio_max_clat_ms`` (the
+longest write of the fio run: held writes and the first write to each extent
+after a snapshot, which copies the extent's data locally on each replica).
+
+``linked_clone_create_seconds``: a clone of the last snapshot (API Create
+until the volume is Healthy with an NBD socket on every node), median of
+``SNAPSHOTS`` clones. ``full_clone_seconds`` (param of the same metric): one
+full clone of the same snapshot until its every extent has its own copy.
 """
 from __future__ import annotations
 
@@ -294,6 +307,76 @@ def _iops_during_rebuild(ctx: SectionContext, base: Path) -> Metric:
         shutil.rmtree(base / "iops", ignore_errors=True)
 
 
+SNAPSHOTS = 5
+
+
+def _snapshots_and_clones(ctx: SectionContext, base: Path) -> list[Metric]:
+    from braid.v1 import storage_pb2
+    size = 10 << 30
+    cluster = _cluster(ctx, base, "snap", DEFAULT_RATE)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        cluster.start()
+        cluster.create_volume("big", size, 2, EXTENT, timeout=120)
+        uri = cluster.nodes[0].uri("big")
+        run_fio(uri, "prefill", "write", "1m", 4, 256 * MiB)
+        times, pauses = [], []
+        load = pool.submit(run_fio, uri, "load", "randwrite", "4k", 16, 1 << 30, runtime=6 + 2 * SNAPSHOTS)
+        time.sleep(3)
+        for i in range(SNAPSHOTS):
+            s = storage_pb2.Snapshot()
+            s.metadata.name, s.spec.volume = f"s{i}", "big"
+            t0 = time.perf_counter()
+            cluster.api.create(s)
+            while True:
+                st = cluster.api.get("snapshot", f"s{i}").status
+                if st.phase in ("Ready", "Failed"):
+                    break
+                time.sleep(0.005)
+            if st.phase != "Ready":
+                raise RuntimeError(f"snapshot s{i} failed: {st.message}")
+            times.append(time.perf_counter() - t0)
+            pauses.append(st.pause_seconds)
+            _log(f"snapshot s{i} of the 10 GiB volume: {times[-1] * 1000:.0f} ms "
+                 f"(writes held {st.pause_seconds * 1000:.0f} ms)")
+            time.sleep(1.5)
+        job = load.result()
+        clones = []
+        for i in range(SNAPSHOTS):
+            v = storage_pb2.Volume()
+            v.metadata.name = f"c{i}"
+            v.spec.source_snapshot = f"s{SNAPSHOTS - 1}"
+            t0 = time.perf_counter()
+            cluster.api.create(v)
+            cluster._wait(lambda n=f"c{i}": cluster.api.get("volume", n).status.phase == "Healthy"
+                          and all(node.socket(n).exists() for node in cluster.nodes), 60, f"clone c{i}")
+            clones.append(time.perf_counter() - t0)
+        v = storage_pb2.Volume()
+        v.metadata.name = "full"
+        v.spec.source_snapshot, v.spec.full_clone = f"s{SNAPSHOTS - 1}", True
+        t0 = time.perf_counter()
+        cluster.api.create(v)
+        cluster._wait(lambda: cluster.api.get("volume", "full").status.phase == "Healthy", 600, "full clone")
+        full = time.perf_counter() - t0
+        med = sorted(times)[len(times) // 2]
+        common = {"volume_GiB": 10, "extents": size // EXTENT, "replicas": 2, "nodes": 3,
+                  "samples": SNAPSHOTS, "cores": os.cpu_count()}
+        return [
+            Metric("snapshot_create_seconds", round(med, 4), "s", higher_is_better=False, params={
+                **common, "all_s": [round(t, 4) for t in times],
+                "pause_ms": round(sorted(pauses)[len(pauses) // 2] * 1000, 1),
+                "fio_write_iops": round(job["write"]["iops"]),
+                "fio_max_clat_ms": round(job["write"]["clat_ns"]["max"] / 1e6, 1)}),
+            Metric("linked_clone_create_seconds", round(sorted(clones)[len(clones) // 2], 4), "s",
+                   higher_is_better=False, params={
+                       **common, "all_s": [round(t, 4) for t in clones],
+                       "full_clone_seconds": round(full, 2), "prefill_MiB": 256})]
+    finally:
+        cluster.stop()
+        pool.shutdown(wait=True)
+        shutil.rmtree(base / "snap", ignore_errors=True)
+
+
 def run(ctx: SectionContext) -> list[Metric]:
     if shutil.which("fio") is None:
         raise RuntimeError("fio is not installed (scripts/setup.sh installs it)")
@@ -301,6 +384,6 @@ def run(ctx: SectionContext) -> list[Metric]:
     try:
         return [_rebuild_after_kill(ctx, base, DEFAULT_RATE, "rebuild_throughput"),
                 _rebuild_after_kill(ctx, base, HIGH_RATE, f"rebuild_throughput_rate_{HIGH_RATE}"),
-                _iops_during_rebuild(ctx, base)]
+                _iops_during_rebuild(ctx, base), *_snapshots_and_clones(ctx, base)]
     finally:
         shutil.rmtree(base, ignore_errors=True)
