@@ -45,13 +45,27 @@ class ApiCallError(Exception):
 
 
 class Client:
-    def __init__(self, address: str, timeout: float = 10.0):
+    def __init__(self, address: str, timeout: float = 10.0, tls=None, token: str = "", ca: str = ""):
+        """``tls`` (``braid.pki.TlsFiles``): mutual TLS with a certificate of the
+        cluster; ``token`` (with ``ca``, the cluster CA bundle): a bearer token
+        over TLS (the controller's token port); neither: plaintext."""
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address, options=[
+        options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ])
+        ]
+        if tls is not None:
+            from braid.pki import grpc_channel_credentials
+            self.channel = grpc.secure_channel(address, grpc_channel_credentials(tls), options=options)
+        elif token:
+            with open(ca, "rb") as f:
+                creds = grpc.composite_channel_credentials(
+                    grpc.ssl_channel_credentials(root_certificates=f.read()),
+                    grpc.access_token_call_credentials(token))
+            self.channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
 
     def close(self) -> None:
         self.channel.close()

@@ -8,6 +8,13 @@ Everything lives in one data directory::
     <data-dir>/etcd/            etcd's data
     <data-dir>/logs/*.log       one log per process
     <data-dir>/run/*.json       each daemon's bound addresses once ready
+    <data-dir>/pki/             the cluster CA and every certificate (braid pki)
+
+Secure by default: every gRPC port, the metrics endpoints, the storage
+replication ports and etcd require a certificate of the cluster's CA; etcd
+gives each daemon only its keys (braid/etcdauth.py); the API checks roles and
+audits every change (``<data-dir>/logs/audit.log``). The CLI uses the
+``admin`` user's certificate (``<data-dir>/pki/users/admin.crt``).
 """
 
 from __future__ import annotations
@@ -106,6 +113,22 @@ class LocalCluster:
         st = self.state()
         return st.get("api") if st else None
 
+    def user_tls(self, user: str = "admin"):
+        """The TLS files of a user of this cluster (None: a cluster without TLS)."""
+        st = self.state() or {}
+        if not st.get("pki"):
+            return None
+        from braid.pki import TlsFiles
+        return TlsFiles.for_user(st["pki"], user)
+
+    def _service_tls(self, state: dict, service: str, node: str):
+        from braid.pki import TlsFiles
+        return TlsFiles.for_service(state["pki"], node, service)
+
+    def _tls_args(self, state: dict, service: str, node: str) -> list[str]:
+        t = self._service_tls(state, service, node)
+        return ["--tls-cert", str(t.cert), "--tls-key", str(t.key), "--tls-ca", str(t.ca)]
+
     # -- up -----------------------------------------------------------------
 
     def up(self, nodes: int = 3, lease_ttl: int = 5, timeout: float = 60.0,
@@ -127,19 +150,36 @@ class LocalCluster:
                 ensure_libvirtd()
             except LibvirtdError as exc:
                 raise ClusterError(str(exc)) from None
+        from braid import etcdauth, pki
+        pki_dir = self.data_dir / "pki"
+        issued = pki.ensure_local_cluster_pki(pki_dir, state["nodes"], cluster="braid-local",
+                                              users=(("admin", "admin"), (etcdauth.ROOT, "admin")))
+        progress(f"certificates in {pki_dir} ({len(issued)} issued)" if issued else
+                 f"certificates in {pki_dir}")
+        state["pki"] = str(pki_dir)
+        first = state["nodes"][0]   # the controller and scheduler run "on" the first node
         try:
-            etcd = EtcdProcess(self.data_dir / "etcd", log_path=self.data_dir / "logs" / "etcd.log")
+            etcd = EtcdProcess(self.data_dir / "etcd", log_path=self.data_dir / "logs" / "etcd.log",
+                               tls=self._service_tls(state, "etcd", first),
+                               client_tls=pki.TlsFiles.for_user(pki_dir, etcdauth.ROOT))
             progress(f"starting etcd on {etcd.endpoint}")
             etcd.start()
             state["etcd"] = etcd.endpoint
             state["processes"].append(Proc("etcd", etcd.proc.pid, etcd.command(),
                                            str(etcd.log_path)).__dict__)
             self._save(state)
+            progress("etcd: a user and role per daemon, auth on")
+            etcdauth.setup(etcd.etcdctl, "/braid/",
+                           [("controller", first), ("scheduler", first)]
+                           + [(d, n) for n in state["nodes"] for d in NODE_DAEMONS])
             api_port = free_port()
             state["api"] = f"127.0.0.1:{api_port}"
+            state["token_api"] = f"127.0.0.1:{free_port()}"
             common = ["--etcd", etcd.endpoint, "--lease-ttl", str(lease_ttl)]
-            self._spawn(state, "controller", common + ["--listen", state["api"]])
-            self._spawn(state, "scheduler", common)
+            self._spawn(state, "controller", common + self._tls_args(state, "controller", first) + [
+                "--listen", state["api"], "--token-listen", state["token_api"],
+                "--audit-log", str(self.data_dir / "logs" / "audit.log")])
+            self._spawn(state, "scheduler", common + self._tls_args(state, "scheduler", first))
             for node in state["nodes"]:
                 for daemon in NODE_DAEMONS:
                     extra = []
@@ -151,8 +191,9 @@ class LocalCluster:
                                  if node == state["nodes"][0] else ["--dataplane", "off"])
                     elif daemon == "storaged":  # one directory "disk" per node; ports chosen by the kernel
                         extra = ["--disks", f"d1={self.data_dir / 'disks' / node / 'd1'}",
-                                 "--peer-listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0"]
-                    self._spawn(state, daemon, common + ["--node", node] + extra, node=node)
+                                 "--peer-listen", "127.0.0.1:0", "--nbd-listen", ""]
+                    self._spawn(state, daemon, common + self._tls_args(state, daemon, node)
+                                + ["--node", node] + extra, node=node)
             self._save(state)
             progress(f"started {len(state['processes'])} processes; waiting for readiness")
             self._wait_ready(state, timeout, progress)
@@ -178,6 +219,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         procs = [Proc(**p) for p in state["processes"]]
         pending = {p.name for p in procs if p.name != "etcd"}
+        tls = self._tls_of(state)
         while pending:
             for p in procs:
                 if not p.alive():
@@ -185,12 +227,12 @@ class LocalCluster:
                     raise ClusterError(f"{p.name} exited during start-up; last log lines:\n{tail}")
             for name in list(pending):
                 run = self.data_dir / "run" / f"{name}.json"
-                if run.exists() and _serving(json.loads(run.read_text())["grpc"]):
+                if run.exists() and _serving(json.loads(run.read_text())["grpc"], tls):
                     pending.discard(name)
             if time.monotonic() > deadline:
                 raise ClusterError(f"not ready after {timeout:.0f}s: {', '.join(sorted(pending))}")
             time.sleep(0.1)
-        with Client(state["api"]) as c:
+        with Client(state["api"], tls=tls) as c:
             while True:
                 try:
                     nodes, _, _ = c.list("node")
@@ -242,6 +284,13 @@ class LocalCluster:
         return killed
 
 
+    @staticmethod
+    def _tls_of(st: dict, user: str = "admin"):
+        if not st.get("pki"):
+            return None
+        from braid.pki import TlsFiles
+        return TlsFiles.for_user(st["pki"], user)
+
     def _remove_domains(self, st: dict) -> int:
         """Power off and undefine the domains of this cluster's nodes (the VMs
         are processes of the cluster too). Best effort: etcd tells the owner
@@ -250,7 +299,7 @@ class LocalCluster:
 
         from braid.store import Store, StoreError
         try:
-            store = Store(st["etcd"], retry_budget=2)
+            store = Store(st["etcd"], retry_budget=2, tls=self._tls_of(st, "root"))
             cid = store.cluster_id()
             store.close()
         except (StoreError, KeyError, ValueError):
@@ -301,9 +350,11 @@ def _reap(pid: int) -> None:
         pass
 
 
-def _serving(address: str) -> bool:
+def _serving(address: str, tls=None) -> bool:
+    from braid.pki import grpc_channel_credentials
     try:
-        with grpc.insecure_channel(address) as ch:
+        with (grpc.secure_channel(address, grpc_channel_credentials(tls)) if tls
+              else grpc.insecure_channel(address)) as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
             return resp.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:

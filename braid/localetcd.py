@@ -35,7 +35,11 @@ class EtcdProcess:
 
     def __init__(self, data_dir: str | Path, client_port: int = 0, peer_port: int = 0,
                  name: str = "braid", log_path: str | Path | None = None,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", tls=None, client_tls=None):
+        """``tls`` (braid.pki.TlsFiles of the etcd service): clients and the peer
+        port over TLS, client certificates required (etcd then knows a client
+        by its certificate's CN); ``client_tls``: what the readiness check
+        presents (a certificate of the cluster)."""
         self.data_dir = Path(data_dir)
         self.host = host  # the client address (peers stay on loopback)
         self.client_port = client_port or free_port(host)
@@ -43,14 +47,24 @@ class EtcdProcess:
         self.name = name
         self.log_path = Path(log_path) if log_path else self.data_dir.parent / f"{name}-etcd.log"
         self.proc: subprocess.Popen | None = None
+        self.tls = tls
+        self.client_tls = client_tls
 
     @property
     def endpoint(self) -> str:
         return f"{self.host}:{self.client_port}"
 
     def command(self) -> list[str]:
-        client = f"http://{self.host}:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        scheme = "https" if self.tls else "http"
+        client = f"{scheme}://{self.host}:{self.client_port}"
+        peer = f"{scheme}://127.0.0.1:{self.peer_port}"
+        tls = []
+        if self.tls:
+            t = self.tls
+            tls = ["--cert-file", str(t.cert), "--key-file", str(t.key), "--trusted-ca-file", str(t.ca),
+                   "--client-cert-auth",
+                   "--peer-cert-file", str(t.cert), "--peer-key-file", str(t.key),
+                   "--peer-trusted-ca-file", str(t.ca), "--peer-client-cert-auth"]
         return [
             etcd_binary(),
             "--name", self.name,
@@ -65,7 +79,18 @@ class EtcdProcess:
             "--log-outputs", "stderr",
             # keep history for watch resume; we compact ourselves in tests
             "--auto-compaction-retention", "0",
+            *tls,
         ]
+
+    def etcdctl(self, *args: str, tls=None, timeout: float = 10) -> subprocess.CompletedProcess:
+        """Run etcdctl against this member (with ``tls`` or the readiness
+        client's certificate when TLS is on)."""
+        t = tls or self.client_tls
+        cmd = ["etcdctl", f"--endpoints={'https' if self.tls else 'http'}://{self.endpoint}"]
+        if self.tls and t is not None:
+            cmd += [f"--cacert={t.ca}", f"--cert={t.cert}", f"--key={t.key}"]
+        return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "ETCDCTL_API": "3"})
 
     def start(self, timeout: float = 20.0) -> "EtcdProcess":
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -88,11 +113,7 @@ class EtcdProcess:
                 with socket.create_connection((self.host, self.client_port), timeout=0.5):
                     pass
                 # the port answers; check it serves requests
-                out = subprocess.run(
-                    ["etcdctl", f"--endpoints={self.endpoint}", "endpoint", "health"],
-                    capture_output=True, text=True, timeout=5,
-                    env={**os.environ, "ETCDCTL_API": "3"},
-                )
+                out = self.etcdctl("endpoint", "health", timeout=5)
                 if out.returncode == 0:
                     return
             except (OSError, subprocess.TimeoutExpired):

@@ -41,7 +41,7 @@ def node_daemon_body(daemon: str, hook: Hook | None = None,
 
     def body(d: Daemon):
         node = node_name(d.cfg)
-        store = Store(d.cfg["etcd"], prefix=d.cfg["prefix"])
+        store = Store(d.cfg["etcd"], prefix=d.cfg["prefix"], tls=d.tls)
         if register:
             register(d)
         d.start()

@@ -711,7 +711,7 @@ class _Reloader:
             return True, self.current
 
 
-def reloading_grpc_server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+def reloading_grpc_server_credentials(tls: TlsFiles, require_client_cert: bool = True) -> grpc.ServerCredentials:
     """Like ``grpc_server_credentials``, but every new connection first checks
     the files (a ``stat`` each) and uses the new certificate, key and CA
     bundle once they changed; an inconsistent state (key of another
@@ -730,7 +730,10 @@ def reloading_grpc_server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
             return None
         return cfg if changed else None
 
-    return grpc.dynamic_ssl_server_credentials(reloader.current, fetch, require_client_authentication=True)
+    # without require_client_cert a client may come without a certificate (it must then show a
+    # bearer token to the API); one that presents a certificate still has it verified
+    return grpc.dynamic_ssl_server_credentials(reloader.current, fetch,
+                                               require_client_authentication=require_client_cert)
 
 
 def _tls12(ctx: ssl.SSLContext, tls_material: tuple[bytes, bytes, bytes], tls: TlsFiles) -> ssl.SSLContext:

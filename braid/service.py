@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -96,6 +97,12 @@ COMMON_OPTIONS = [
     Option("log_format", "json", "json | text"),
     Option("lease_ttl", 5, "seconds a lease lives without refresh", int),
     Option("state_file", "", "write the bound addresses here as JSON once ready"),
+    # mutual TLS (braid pki): this daemon's certificate and key, and the cluster CA bundle.
+    # With them, the gRPC server, the metrics endpoint and the storage ports require a client
+    # certificate of the cluster, and etcd is reached over TLS with the certificate.
+    Option("tls_cert", "", "certificate of this daemon (PEM; '' with tls_key/tls_ca: plaintext)"),
+    Option("tls_key", "", "its private key (PEM)"),
+    Option("tls_ca", "", "the cluster CA bundle (PEM)"),
 ]
 
 
@@ -139,6 +146,22 @@ def load_config(daemon: str, options: Iterable[Option], argv: list[str] | None =
     return cfg
 
 
+def tls_files(cfg: dict[str, Any]):
+    """The daemon's TLS material (braid.pki.TlsFiles), or None for plaintext.
+    All three options or none: a half-configured daemon is a config error."""
+    given = [cfg.get("tls_cert"), cfg.get("tls_key"), cfg.get("tls_ca")]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ConfigError("tls_cert, tls_key and tls_ca go together (all three, or none for plaintext)")
+    from braid.pki import TlsFiles
+    tls = TlsFiles(cert=Path(given[0]), key=Path(given[1]), ca=Path(given[2]))
+    for path in given:
+        if not os.path.exists(path):
+            raise ConfigError(f"TLS file {path} does not exist (braid pki issue-service makes them)")
+    return tls
+
+
 def split_hostport(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     if not host or not port.isdigit():
@@ -160,8 +183,10 @@ class Daemon:
     metrics_address: str = ""
     stopping: threading.Event = field(default_factory=threading.Event)
     _services: list[str] = field(default_factory=list)
+    interceptors: list = field(default_factory=list)
 
     def __post_init__(self):
+        self.tls = tls_files(self.cfg)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix=f"{self.name}-rpc"),
             options=[
@@ -169,6 +194,7 @@ class Daemon:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
             maximum_concurrent_rpcs=1000,
+            interceptors=self.interceptors,
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -179,7 +205,12 @@ class Daemon:
 
     def start(self) -> None:
         host, port = split_hostport(self.cfg["listen"])
-        bound = self.server.add_insecure_port(f"{host}:{port}")
+        if self.tls is not None:
+            from braid.pki import reloading_grpc_server_credentials
+            bound = self.server.add_secure_port(f"{host}:{port}", reloading_grpc_server_credentials(self.tls))
+        else:
+            log.warning("plaintext gRPC on %s: no tls_cert/tls_key/tls_ca (braid pki)", self.cfg["listen"])
+            bound = self.server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
             raise ConfigError(f"cannot listen on {self.cfg['listen']}")
         self.grpc_address = f"{host}:{bound}"
@@ -193,7 +224,11 @@ class Daemon:
                 with socket.socket() as s:
                     s.bind((mhost, 0))
                     mport = s.getsockname()[1]
-            start_http_server(mport, addr=mhost)
+            if self.tls is not None:   # scrapers present a certificate of the cluster too
+                start_http_server(mport, addr=mhost, certfile=self.tls.cert, keyfile=self.tls.key,
+                                  client_cafile=self.tls.ca, client_auth_required=True)
+            else:
+                start_http_server(mport, addr=mhost)
             self.metrics_address = f"{mhost}:{mport}"
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())

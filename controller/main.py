@@ -13,7 +13,7 @@ import os
 import socket
 
 from braid import kinds as K
-from braid.service import Daemon, Option, run_main
+from braid.service import ConfigError, Daemon, Option, run_main
 from braid.store import Election, Store
 from controller.api import cluster_handler, kind_handler
 from controller.networks import NetworkReconciler
@@ -28,18 +28,31 @@ OPTIONS = [
     Option("id", "", "replica id for the leader election (default: host-pid)"),
     Option("rebuild_delay", 60.0, "seconds a storage daemon may be away before its replicas are "
                                   "rebuilt on other nodes", float),
+    Option("token_listen", "", "a second API address for clients with a bearer token instead of a "
+                               "client certificate (TLS; '' = off)"),
+    Option("audit_log", "", "append-only audit log of every change and every refused call "
+                            "('' = <no file>; events are also kept in etcd under audit/)"),
 ]
 
 
 def body(d: Daemon):
     cfg = d.cfg
-    store = Store(cfg["etcd"], prefix=cfg["prefix"])
+    store = Store(cfg["etcd"], prefix=cfg["prefix"], tls=d.tls)
     resources = Resources(store)
     for kind in K.KINDS.values():
         d.server.add_generic_rpc_handlers((kind_handler(resources, kind),))
         d.add_service(kind.service)
     d.server.add_generic_rpc_handlers((cluster_handler(store, resources, cfg["cluster_name"]),))
     d.add_service("braid.v1.ClusterService")
+    if cfg["token_listen"]:
+        if d.tls is None:
+            raise ConfigError("token_listen needs TLS (tls_cert, tls_key, tls_ca): tokens never travel in clear")
+        from braid.pki import reloading_grpc_server_credentials
+        from braid.service import split_hostport
+        host, port = split_hostport(cfg["token_listen"])
+        if not d.server.add_secure_port(f"{host}:{port}", reloading_grpc_server_credentials(
+                d.tls, require_client_cert=False)):
+            raise ConfigError(f"cannot listen on {cfg['token_listen']}")
     d.start()
     store.revision()  # fail early (bounded retries) when etcd is unreachable
     candidate = cfg["id"] or f"{socket.gethostname()}-{os.getpid()}"

@@ -42,7 +42,7 @@ OPTIONS = [
 
 
 def body(d: Daemon):
-    store = Store(d.cfg["etcd"], prefix=d.cfg["prefix"])
+    store = Store(d.cfg["etcd"], prefix=d.cfg["prefix"], tls=d.tls)
     d.start()
     store.revision()  # fail early when etcd is unreachable
     candidate = d.cfg["id"] or f"{socket.gethostname()}-{os.getpid()}"

@@ -105,10 +105,12 @@ class StorageNode:
                  peer_addresses: Callable[[str], str | None],
                  etcd_get: Callable[[str, int], tuple[X.ExtentRecord | None, int]],
                  etcd_cas: Callable[[X.ExtentRecord, X.ExtentRecord], bool],
-                 peer_timeout: float = 2.0):
+                 peer_timeout: float = 2.0, tls=None):
         """``etcd_get(volume, index)`` -> (record or None, mod_revision) read
         from etcd now; ``etcd_cas(old, new)`` writes ``new`` if the record is
-        still ``old`` (True) — both blocking, run in threads."""
+        still ``old`` (True) — both blocking, run in threads. ``tls``
+        (``braid.pki.TlsFiles``): replication over mutual TLS, only with
+        storage daemons of the cluster (their certificates say so)."""
         self.node = node
         self.disks = disks
         self.view = view
@@ -116,6 +118,12 @@ class StorageNode:
         self.etcd_get = etcd_get
         self.etcd_cas = etcd_cas
         self.peer_timeout = peer_timeout
+        self.tls = tls
+        self._ssl_server = self._ssl_client = None
+        if tls is not None:
+            from braid.pki import ReloadingSSLContext
+            self._ssl_server = ReloadingSSLContext(tls, server=True)
+            self._ssl_client = ReloadingSSLContext(tls, server=False)
         self.peers: dict[str, P.PeerClient] = {}
         self.volumes: dict[str, VolumeInfo] = {}
         self.engines: dict[str, VolumeEngine] = {}
@@ -237,7 +245,9 @@ class StorageNode:
         if client is None or client.address != addr:  # new, or the daemon came back elsewhere
             if client is not None:
                 asyncio.ensure_future(client.close())
-            client = self.peers[node] = P.PeerClient(node, addr, connect_timeout=self.peer_timeout)
+            client = self.peers[node] = P.PeerClient(
+                node, addr, connect_timeout=self.peer_timeout,
+                ssl_context=self._ssl_client.get if self._ssl_client else None)
         return client
 
     # -- replication server ------------------------------------------------------
@@ -245,7 +255,10 @@ class StorageNode:
     async def serve_peers(self, host: str, port: int) -> asyncio.AbstractServer:
         """Listen for peer connections (the replication server)."""
         loop = asyncio.get_running_loop()
-        return await loop.create_server(lambda: P.ServerProtocol(self.dispatch), host, port)
+        if self._ssl_server is None:
+            return await loop.create_server(lambda: P.ServerProtocol(self.dispatch), host, port)
+        return await loop.create_server(lambda: P.ServerProtocol(self.dispatch, admit=_storage_peer_only),
+                                        host, port, ssl=self._ssl_server.server_context())
 
     def replica_now(self, rec: X.ExtentRecord) -> ReplicaFile | None:
         """The fast path of ``replica``: this node's open replica of ``rec``
@@ -697,6 +710,16 @@ class Intervals:
         if pos < b:
             out.append((pos, b))
         return out
+
+
+def _storage_peer_only(transport) -> str:
+    """Replication takes only storage daemons of the cluster (the TLS layer
+    has verified the certificate; here: whose it is)."""
+    from braid.pki import identity_from_ssl
+    who = identity_from_ssl(transport)
+    if who is None or who.kind != "service" or who.service != "storaged":
+        return f"{who or 'no Braid certificate'} is not a storage daemon"
+    return ""
 
 
 def _apply(rf: ReplicaFile, op: int, off: int, n: int, data, punch: bool) -> None:

@@ -41,13 +41,15 @@ POOL = K.KINDS["diskpool"]
 VOLUME = K.KINDS["volume"]
 USAGE_PREFIX = "storage/usage/"
 
+NBD_TCP_DEFAULT = "127.0.0.1:10809"
+
 OPTIONS = NODE_OPTIONS + [
     Option("disks", "", "local disks: name=/dir[:capacity] comma-separated, e.g. "
                         "'d1=/var/lib/braid/disks/d1:20G' (capacity: 0/empty = the filesystem's size)"),
     Option("nbd_socket_dir", "", "directory of the volumes' NBD unix sockets "
                                  "(default /run/braid/<node>/nbd)"),
     Option("nbd_socket_group", "kvm", "group that may open the NBD sockets (QEMU runs in it)"),
-    Option("nbd_listen", "127.0.0.1:10809", "NBD TCP address host:port (loopback or the storage "
+    Option("nbd_listen", NBD_TCP_DEFAULT, "NBD TCP address host:port (loopback or the storage "
                                             "network; '' disables)"),
     Option("peer_listen", "127.0.0.1:7410", "replication server address host:port"),
     Option("peer_timeout", 2.0, "seconds a replica may take to answer before it is dropped", float),
@@ -136,7 +138,7 @@ class StorageDaemon:
             self.gid = -1
         self.view = ExtentView()
         self.sn = StorageNode(self.node, self.disks, self.view, self._peer_address, self._etcd_get,
-                              self._etcd_cas, peer_timeout=cfg["peer_timeout"])
+                              self._etcd_cas, peer_timeout=cfg["peer_timeout"], tls=d.tls)
         if cfg["rebuild_rate"] <= 0:
             raise ConfigError(f"rebuild_rate: {cfg['rebuild_rate']} must be > 0 (MiB/s)")
         self.rebuilder = Rebuilder(self.sn, rate=cfg["rebuild_rate"] * (1 << 20))
@@ -155,8 +157,15 @@ class StorageDaemon:
         host, port = _hostport(cfg["peer_listen"], "peer_listen")
         srv = self._call(self.sn.serve_peers(host, port))
         info["peer_address"] = f"{host}:{srv.sockets[0].getsockname()[1]}"
-        if cfg["nbd_listen"]:
-            host, port = _hostport(cfg["nbd_listen"], "nbd_listen")
+        nbd_listen = cfg["nbd_listen"]
+        if nbd_listen and d.tls is not None:   # NBD has no TLS here: only the node's own QEMU may connect
+            if nbd_listen != NBD_TCP_DEFAULT:
+                raise ConfigError("nbd_listen: NBD over TCP has no TLS here yet; with TLS on, volumes are "
+                                  "served on the unix sockets only (give --nbd-listen '')")
+            log.info("TLS on: NBD over TCP stays off (volumes are served on %s/<volume>.sock)", self.socket_dir)
+            nbd_listen = ""
+        if nbd_listen:
+            host, port = _hostport(nbd_listen, "nbd_listen")
             srv = self._call(self.nbd.serve_tcp(host, port))
             info["nbd_address"] = f"{host}:{srv.sockets[0].getsockname()[1]}"
         info["nbd_socket_dir"] = self.socket_dir

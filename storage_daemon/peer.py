@@ -193,9 +193,14 @@ class PeerClient:
     Requests time out after ``timeout`` seconds (checked by one timer per
     client, not one per request) with asyncio.TimeoutError."""
 
-    def __init__(self, node: str, address: str, connect_timeout: float = 2.0, timeout: float = 0.0):
+    def __init__(self, node: str, address: str, connect_timeout: float = 2.0, timeout: float = 0.0,
+                 ssl_context=None):
+        """``ssl_context``: a callable giving the client ``ssl.SSLContext`` for a
+        new connection (mutual TLS; the peer's certificate must name its host),
+        or None for plaintext."""
         self.node = node
         self.address = address
+        self.ssl_context = ssl_context
         self.connect_timeout = connect_timeout
         self.timeout = timeout or connect_timeout
         self._proto: _ClientProtocol | None = None
@@ -220,8 +225,9 @@ class PeerClient:
             loop = asyncio.get_running_loop()
             host, _, port = self.address.rpartition(":")
             try:
+                tls = {"ssl": self.ssl_context(), "server_hostname": host.strip("[]")} if self.ssl_context else {}
                 transport, proto = await asyncio.wait_for(
-                    loop.create_connection(lambda: _ClientProtocol(self), host, int(port)),
+                    loop.create_connection(lambda: _ClientProtocol(self), host, int(port), **tls),
                     self.connect_timeout)
             except (OSError, asyncio.TimeoutError, ValueError) as exc:
                 raise PeerUnavailable(f"peer {self.node} at {self.address}: "
@@ -306,8 +312,11 @@ class ServerProtocol(asyncio.BufferedProtocol):
     bytearray, no copy); each request goes to ``dispatch(self, ...)``, which
     replies through ``self.write``/``writelines`` (corked per loop pass)."""
 
-    def __init__(self, dispatch, log_name: str = "peer"):
+    def __init__(self, dispatch, log_name: str = "peer", admit=None):
+        """``admit(transport) -> str``: "" to serve the connection, else why not
+        (e.g. a TLS peer that is not a storage daemon of the cluster)."""
         self.dispatch = dispatch
+        self.admit = admit
         self.out = Corked(asyncio.get_running_loop())
         self._head = bytearray(REQ.size)
         self._target = memoryview(self._head)
@@ -331,6 +340,12 @@ class ServerProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.out.transport = transport
+        why = self.admit(transport) if self.admit else ""
+        if why:
+            log.warning("replication connection from %s refused: %s",
+                        transport.get_extra_info("peername"), why)
+            transport.abort()
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 
@@ -65,8 +66,35 @@ def server_address(args) -> str:
     return addr
 
 
+def credentials(args) -> dict:
+    """How the CLI proves who it is (first found wins):
+    ``--cert/--key/--ca`` (env BRAID_CERT, BRAID_KEY, BRAID_CA): a client certificate;
+    ``--token`` (env BRAID_TOKEN) with ``--ca``: a bearer token (the controller's token port);
+    else, for the local cluster, its ``--user`` (default admin) certificate in <data-dir>/pki."""
+    from braid.pki import TlsFiles
+    pick = lambda flag, env: getattr(args, flag, None) or os.environ.get(env, "")  # noqa: E731
+    cert, key, ca, token = (pick("cert", "BRAID_CERT"), pick("key", "BRAID_KEY"), pick("ca", "BRAID_CA"),
+                            pick("token", "BRAID_TOKEN"))
+    if cert or key:
+        if not (cert and key and ca):
+            raise CliError("a client certificate needs --cert, --key and --ca (or BRAID_CERT, BRAID_KEY, "
+                           "BRAID_CA)", 2)
+        return {"tls": TlsFiles(Path(cert), Path(key), Path(ca))}
+    if token:
+        if not ca:
+            raise CliError("a token needs the cluster CA to check the server: --ca or BRAID_CA", 2)
+        return {"token": token, "ca": ca}
+    if args.server or os.environ.get("BRAID_SERVER"):
+        return {}
+    tls = LocalCluster(args.data_dir).user_tls(getattr(args, "user", None) or "admin")
+    if tls is not None and not tls.exists():
+        raise CliError(f"no certificate for user {args.user or 'admin'} in the local cluster "
+                       f"(braid pki issue-user NAME --role viewer --dir {tls.ca.parent})", 2)
+    return {"tls": tls} if tls else {}
+
+
 def client(args) -> Client:
-    return Client(server_address(args), timeout=args.timeout)
+    return Client(server_address(args), timeout=args.timeout, **credentials(args))
 
 
 def kind_arg(name: str) -> K.Kind:
@@ -287,7 +315,8 @@ def cmd_vm_console(args) -> int:
         address = vm_cli.agent_address(c, args.name)
     if args.follow:
         print(f"-- console of {args.name} (Ctrl-C to leave) --", file=sys.stderr, flush=True)
-    vm_cli.stream_console(address, args.name, follow=args.follow, tail=args.tail)
+    vm_cli.stream_console(address, args.name, follow=args.follow, tail=args.tail,
+                          tls=credentials(args).get("tls"))
     return 0
 
 
@@ -614,6 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None,
                    help=f"local cluster directory (env BRAID_DATA_DIR; default {default_data_dir()})")
     p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout in seconds")
+    p.add_argument("--cert", help="client certificate (env BRAID_CERT)")
+    p.add_argument("--key", help="its private key (env BRAID_KEY)")
+    p.add_argument("--ca", help="the cluster CA bundle (env BRAID_CA)")
+    p.add_argument("--token", help="a bearer token instead of a certificate (env BRAID_TOKEN)")
+    p.add_argument("--user", help="local cluster: act as this user (its certificate in <data-dir>/pki; "
+                                  "default admin)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     kinds_help = ", ".join(k.plural for k in K.KINDS.values())
 

@@ -67,9 +67,14 @@ def agent_address(c: Client, vm_name: str) -> str:
                        f"the node agent of {node_name} (where {vm_name} runs) is not running")
 
 
-def stream_console(address: str, vm: str, follow: bool, tail: int, out=None) -> None:
+def stream_console(address: str, vm: str, follow: bool, tail: int, out=None, tls=None) -> None:
     out = out or sys.stdout.buffer
-    with grpc.insecure_channel(address) as ch:
+    if tls is not None:
+        from braid.pki import grpc_channel_credentials
+        channel = grpc.secure_channel(address, grpc_channel_credentials(tls))
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel as ch:
         call = ch.unary_stream("/braid.v1.NodeAgentService/Console",
                                request_serializer=lambda m: m.SerializeToString(),
                                response_deserializer=agent_pb2.ConsoleChunk.FromString)

@@ -141,14 +141,21 @@ class Store:
         prefix: str = "/braid/",
         timeout: float = 5.0,
         retry_budget: float = 10.0,
+        tls=None,
     ):
+        """``tls``: a ``braid.pki.TlsFiles`` to reach etcd over TLS with a client
+        certificate (etcd then knows the caller by the certificate's name)."""
         if not prefix.endswith("/"):
             prefix += "/"
         self.prefix = prefix
         self.timeout = timeout
         self.retry_budget = retry_budget
+        creds = None
+        if tls is not None:
+            from braid.pki import grpc_channel_credentials
+            creds = grpc_channel_credentials(tls)
         eps = [
-            etcd3.Endpoint(h, p, secure=False, time_retry=0.5)
+            etcd3.Endpoint(h, p, secure=creds is not None, creds=creds, time_retry=0.5)
             for h, p in parse_endpoints(endpoints)
         ]
         self._client = etcd3.MultiEndpointEtcd3Client(

@@ -59,8 +59,15 @@ def test_cluster_up_apply_watch_down(tmp_path):
                    for n in nodes)
 
         # an etcdctl watch started before the apply sees the objects arrive
+        pki = Path(state["pki"])   # secure by default: etcd takes only certificates of the cluster
+        root = [f"--endpoints=https://{state['etcd']}", f"--cacert={pki / 'ca.crt'}",
+                f"--cert={pki / 'users' / 'root.crt'}", f"--key={pki / 'users' / 'root.key'}"]
+        plain = subprocess.run(["etcdctl", f"--endpoints={state['etcd']}", "--dial-timeout=2s",
+                                "--command-timeout=3s", "get", "--prefix", "/braid/"],
+                               capture_output=True, text=True, env={**os.environ, "ETCDCTL_API": "3"})
+        assert plain.returncode != 0 and "/braid/" not in plain.stdout
         watch = subprocess.Popen(
-            ["etcdctl", f"--endpoints={state['etcd']}", "watch", "--prefix", "/braid/"],
+            ["etcdctl", *root, "watch", "--prefix", "/braid/"],
             stdout=subprocess.PIPE, text=True, env={**os.environ, "ETCDCTL_API": "3"})
         time.sleep(0.5)
         applied = braid(data, "apply", "-f", "examples/")
