@@ -18,8 +18,8 @@ import sys
 import threading
 import time
 from concurrent import futures
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import grpc
