@@ -146,6 +146,10 @@ class Client:
         return self._cluster_call("DrsApply", cluster_pb2.DrsApplyRequest(id=ident),
                                   cluster_pb2.DrsApplyResponse).move
 
+    def issue_token(self, user: str, role: str, ttl_seconds: int = 0) -> cluster_pb2.IssueTokenResponse:
+        return self._cluster_call("IssueToken", cluster_pb2.IssueTokenRequest(
+            user=user, role=role, ttl_seconds=ttl_seconds), cluster_pb2.IssueTokenResponse)
+
     def revert_volume(self, volume: str, snapshot: str) -> cluster_pb2.RevertVolumeResponse:
         return self._cluster_call("RevertVolume", cluster_pb2.RevertVolumeRequest(volume=volume, snapshot=snapshot),
                                   cluster_pb2.RevertVolumeResponse)

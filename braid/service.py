@@ -260,7 +260,8 @@ class Daemon:
 
 
 def run_main(daemon: str, options: Iterable[Option], body: Callable[[Daemon], None],
-             argv: list[str] | None = None) -> int:
+             argv: list[str] | None = None,
+             interceptors: Callable[[dict[str, Any]], list] | None = None) -> int:
     """Parse config, set up logging, run ``body(daemon)`` until SIGTERM.
 
     ``body`` registers services, starts its loops and returns a stop
@@ -273,8 +274,8 @@ def run_main(daemon: str, options: Iterable[Option], body: Callable[[Daemon], No
         print(f"braid-{daemon}: {exc}", file=sys.stderr)
         return 2
     setup_logging(daemon, cfg["log_level"], cfg["log_format"])
-    d = Daemon(daemon, cfg)
     try:
+        d = Daemon(daemon, cfg, interceptors=interceptors(cfg) if interceptors else [])
         stop = body(d)
     except ConfigError as exc:
         log.error("bad configuration: %s", exc)

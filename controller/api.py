@@ -127,7 +127,8 @@ def kind_handler(resources: Resources, kind: K.Kind) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(kind.service, handlers)
 
 
-def cluster_handler(store: Store, resources: Resources, cluster_name: str) -> grpc.GenericRpcHandler:
+def cluster_handler(store: Store, resources: Resources, cluster_name: str,
+                    tokens=None) -> grpc.GenericRpcHandler:
     def info(_req):
         out = cluster_pb2.ClusterInfo(cluster_name=cluster_name, version=__version__)
         elections, rev = store.list("election/")
@@ -191,6 +192,17 @@ def cluster_handler(store: Store, resources: Resources, cluster_name: str) -> gr
         n, pause = revert(store, req.volume, req.snapshot)
         return cluster_pb2.RevertVolumeResponse(extents=n, pause_seconds=round(pause, 4))
 
+    def issue_token(req: cluster_pb2.IssueTokenRequest) -> cluster_pb2.IssueTokenResponse:
+        if tokens is None:
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "tokens need TLS (this controller runs without)")
+        ttl = req.ttl_seconds or 86400
+        try:
+            token = tokens.issue(req.user, req.role, ttl)
+        except ValueError as exc:
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + ttl))
+        return cluster_pb2.IssueTokenResponse(token=token, expires_at=expires)
+
     def guarded(fn):
         def call(req, context):
             try:
@@ -210,6 +222,9 @@ def cluster_handler(store: Store, resources: Resources, cluster_name: str) -> gr
             lambda m: m.SerializeToString()),
         "DrsApply": grpc.unary_unary_rpc_method_handler(
             guarded(apply), cluster_pb2.DrsApplyRequest.FromString, lambda m: m.SerializeToString()),
+        "IssueToken": grpc.unary_unary_rpc_method_handler(
+            guarded(issue_token), cluster_pb2.IssueTokenRequest.FromString,
+            lambda m: m.SerializeToString()),
         "RevertVolume": grpc.unary_unary_rpc_method_handler(
             guarded(revert_volume), cluster_pb2.RevertVolumeRequest.FromString,
             lambda m: m.SerializeToString()),

@@ -1,7 +1,7 @@
 """Who may call which braid.v1 method: identities, roles, the policy table
 and bearer tokens kept in etcd.
 
-One table (:data:`METHODS`) maps every gRPC method the controller serves to
+One table (:data:`METHODS`) maps every gRPC method the daemons serve to
 an :class:`Action` (verb, resource kind, where the object name sits in the
 request); one table (:data:`ROLES`) says which (verb, kind) pairs a role
 grants. :meth:`Policy.check` is pure: it reads nothing but its arguments,
@@ -20,11 +20,13 @@ Roles (least privilege that still lets each role do its job)::
               VMs (a VM's volumes stay: deleting a VM loses no data);
               provision storage for them: create and update (grow, QoS)
               volumes, create and update snapshots; apply DRS
-              recommendations. No delete of volumes, snapshots, networks,
-              subnets, ports, routers, security groups, disk pools or nodes,
-              and no RevertVolume (it overwrites a volume's data).
+              recommendations; read VM serial consoles (node agent). No
+              delete of volumes, snapshots, networks, subnets, ports,
+              routers, security groups, disk pools or nodes, no writes to
+              networks, nodes and pools, and no RevertVolume (it overwrites
+              a volume's data).
     viewer    Get, List and Watch of every kind; ClusterService Info and
-              GetDrsRecommendations.
+              GetDrsRecommendations. Not the VM consoles.
 
 Health checking and reflection are open to any authenticated caller.
 
@@ -99,18 +101,25 @@ def pki_cert_identity(context) -> Identity | None:
 
 READ_VERBS = frozenset({"get", "list", "watch"})
 MUTATING_VERBS = frozenset({"create", "update", "delete", "apply", "revert"})
+# audited even when allowed: every mutation, and reading a VM's serial console
+# (boot output can carry secrets, e.g. generated passwords)
+AUDITED_VERBS = MUTATING_VERBS | {"console"}
 PROBE = "probe"   # health checking and reflection
 
 
 @dataclass(frozen=True)
 class Action:
-    verb: str         # get | list | watch | create | update | delete | apply | revert | probe
+    verb: str         # get | list | watch | create | update | delete | apply | revert | console | probe
     kind: str         # a kind name ("volume"), "cluster", "drs", or "" for probes
     name_field: str   # dotted path of the object's name in the request ("" : none)
 
     @property
     def mutating(self) -> bool:
         return self.verb in MUTATING_VERBS
+
+    @property
+    def audited(self) -> bool:
+        return self.verb in AUDITED_VERBS
 
 
 def _method_table() -> dict[str, Action]:
@@ -125,6 +134,9 @@ def _method_table() -> dict[str, Action]:
     table[cluster + "GetDrsRecommendations"] = Action("get", "drs", "")
     table[cluster + "DrsApply"] = Action("apply", "drs", "id")
     table[cluster + "RevertVolume"] = Action("revert", "volume", "volume")
+    table[cluster + "IssueToken"] = Action("create", "token", "user")
+    # served by the node agent, not the controller
+    table["/braid.v1.NodeAgentService/Console"] = Action("console", "vm", "vm")
     for probe in ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
                   "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
                   "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"):
@@ -146,7 +158,7 @@ ROLES: Mapping[str, frozenset[tuple[str, str]]] = {
         ("create", "vm"), ("update", "vm"), ("delete", "vm"),
         ("create", "volume"), ("update", "volume"),
         ("create", "snapshot"), ("update", "snapshot"),
-        ("apply", "drs"),
+        ("apply", "drs"), ("console", "vm"),
     },
     "viewer": _READ,
 }
@@ -168,6 +180,11 @@ class Decision:
     @property
     def mutating(self) -> bool:
         return self.verb in MUTATING_VERBS
+
+    @property
+    def audited(self) -> bool:
+        """Recorded in the audit log even when allowed."""
+        return self.verb in AUDITED_VERBS
 
 
 MAX_NAME = 253

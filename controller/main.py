@@ -13,7 +13,7 @@ import os
 import socket
 
 from braid import kinds as K
-from braid.service import ConfigError, Daemon, Option, run_main
+from braid.service import ConfigError, Daemon, Option, run_main, tls_files
 from braid.store import Election, Store
 from controller.api import cluster_handler, kind_handler
 from controller.networks import NetworkReconciler
@@ -31,18 +31,45 @@ OPTIONS = [
     Option("token_listen", "", "a second API address for clients with a bearer token instead of a "
                                "client certificate (TLS; '' = off)"),
     Option("audit_log", "", "append-only audit log of every change and every refused call "
-                            "('' = <no file>; events are also kept in etcd under audit/)"),
+                            "('' = no file; events are also kept in etcd under audit/ for 7 days)"),
+    Option("api_rate", 200.0, "API calls per second per client (token bucket; with TLS; 0: off)", float),
+    Option("api_burst", 400, "API calls a client may burst above the rate", int),
+    Option("api_streams", 64, "watch streams one client may hold open", int),
 ]
+
+
+_shared: dict = {}   # what the guard (made before the gRPC server) and the body share
+
+
+def guard(cfg: dict) -> list:
+    """The API guard, one place for every call: who is calling (client
+    certificate, or bearer token on the token port), may they (roles), not
+    too often (per-client rate), and an audit record of every change and
+    every refusal. Without TLS (tests, a laptop) every caller is an
+    anonymous admin, said loudly in the log."""
+    from controller.audit import AuditLog
+    from controller.authz import Policy, TokenStore, pki_cert_identity
+    from controller.guard import ApiGuard, make_identify
+    from controller.ratelimit import RateLimiter, StreamLimiter
+    tls = tls_files(cfg)
+    store = _shared["store"] = Store(cfg["etcd"], prefix=cfg["prefix"], tls=tls)
+    tokens = _shared["tokens"] = TokenStore(store)
+    audit = _shared["audit"] = AuditLog(cfg["audit_log"] or None, store=store)
+    identify = make_identify(tokens if tls else None, pki_cert_identity, anonymous_admin=tls is None)
+    # per-client limits need to know the client: with TLS (without, every caller is "anonymous")
+    limiter = RateLimiter(cfg["api_rate"], cfg["api_burst"]) if tls and cfg["api_rate"] > 0 else None
+    return [ApiGuard(identify, Policy(), audit, limiter, StreamLimiter(cfg["api_streams"]) if tls else None)]
 
 
 def body(d: Daemon):
     cfg = d.cfg
-    store = Store(cfg["etcd"], prefix=cfg["prefix"], tls=d.tls)
+    store = _shared["store"]
     resources = Resources(store)
     for kind in K.KINDS.values():
         d.server.add_generic_rpc_handlers((kind_handler(resources, kind),))
         d.add_service(kind.service)
-    d.server.add_generic_rpc_handlers((cluster_handler(store, resources, cfg["cluster_name"]),))
+    d.server.add_generic_rpc_handlers((cluster_handler(store, resources, cfg["cluster_name"],
+                                                       tokens=_shared["tokens"]),))
     d.add_service("braid.v1.ClusterService")
     if cfg["token_listen"]:
         if d.tls is None:
@@ -76,13 +103,14 @@ def body(d: Daemon):
         election.stop()
         deposed(election)
         resources.close()
+        _shared["audit"].close()
         store.close()
 
     return stop
 
 
 def main(argv=None) -> int:
-    return run_main("controller", OPTIONS, body, argv)
+    return run_main("controller", OPTIONS, body, argv, interceptors=guard)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """``braid``: the command-line client and the local-cluster launcher.
 
 Exit codes: 0 success, 1 error, 2 bad usage or invalid input, 3 not found,
-4 conflict (exists / modified concurrently), 5 cluster unreachable.
+4 conflict (exists / modified concurrently), 5 cluster unreachable, 6 not
+allowed (unauthenticated, or the role may not).
 
 The API address comes from ``--server``, else ``$BRAID_SERVER``, else the
 local cluster's state (``<data-dir>/cluster.json``, data dir from
@@ -38,6 +39,8 @@ EXIT_CODES = {
     grpc.StatusCode.FAILED_PRECONDITION: 4,
     grpc.StatusCode.UNAVAILABLE: 5,
     grpc.StatusCode.DEADLINE_EXCEEDED: 5,
+    grpc.StatusCode.UNAUTHENTICATED: 6,
+    grpc.StatusCode.PERMISSION_DENIED: 6,
 }
 
 
@@ -476,6 +479,15 @@ def cmd_volume_snapshot(args) -> int:
             time.sleep(0.1)
 
 
+def cmd_token_create(args) -> int:
+    with client(args) as c:
+        r = c.issue_token(args.user_name, args.role, int(args.ttl))
+    print(r.token)
+    print(f"token for {args.user_name} ({args.role}), valid until {r.expires_at}; shown only now. Use it "
+          f"with --token (or BRAID_TOKEN) and --ca on the controller's token port.", file=sys.stderr)
+    return 0
+
+
 def cmd_volume_revert(args) -> int:
     with client(args) as c:
         r = c.revert_volume(args.name, args.to)
@@ -789,6 +801,15 @@ def build_parser() -> argparse.ArgumentParser:
     outputs(sp, ("text", "json", "yaml"), "text")
     sp.set_defaults(fn=cmd_describe, kind="volume")
     vop.set_defaults(fn=lambda a: (vop.print_help(), 2)[1])
+
+    tp = sub.add_parser("token", help="bearer tokens for clients without a certificate (admin)")
+    tsub = tp.add_subparsers(dest="token_command", metavar="ACTION")
+    sp = tsub.add_parser("create", help="issue a token (printed once; only its hash is kept)")
+    sp.add_argument("user_name", metavar="USER")
+    sp.add_argument("--role", required=True, choices=("admin", "operator", "viewer"))
+    sp.add_argument("--ttl", type=float, default=86400, help="seconds it stays valid (default one day)")
+    sp.set_defaults(fn=cmd_token_create)
+    tp.set_defaults(fn=lambda a: (tp.print_help(), 2)[1])
 
     cl = sub.add_parser("cluster", help="run a local cluster on this machine")
     csub = cl.add_subparsers(dest="cluster_command", metavar="ACTION")

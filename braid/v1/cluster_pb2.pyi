@@ -118,3 +118,21 @@ class RevertVolumeResponse(_message.Message):
     extents: int
     pause_seconds: float
     def __init__(self, extents: _Optional[int] = ..., pause_seconds: _Optional[float] = ...) -> None: ...
+
+class IssueTokenRequest(_message.Message):
+    __slots__ = ("user", "role", "ttl_seconds")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    role: str
+    ttl_seconds: int
+    def __init__(self, user: _Optional[str] = ..., role: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class IssueTokenResponse(_message.Message):
+    __slots__ = ("token", "expires_at")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    expires_at: str
+    def __init__(self, token: _Optional[str] = ..., expires_at: _Optional[str] = ...) -> None: ...

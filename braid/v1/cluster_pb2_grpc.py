@@ -54,6 +54,11 @@ class ClusterServiceStub:
                 request_serializer=braid_dot_v1_dot_cluster__pb2.RevertVolumeRequest.SerializeToString,
                 response_deserializer=braid_dot_v1_dot_cluster__pb2.RevertVolumeResponse.FromString,
                 _registered_method=True)
+        self.IssueToken = channel.unary_unary(
+                '/braid.v1.ClusterService/IssueToken',
+                request_serializer=braid_dot_v1_dot_cluster__pb2.IssueTokenRequest.SerializeToString,
+                response_deserializer=braid_dot_v1_dot_cluster__pb2.IssueTokenResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServiceServicer:
@@ -83,6 +88,12 @@ class ClusterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     servicer.RevertVolume,
                     request_deserializer=braid_dot_v1_dot_cluster__pb2.RevertVolumeRequest.FromString,
                     response_serializer=braid_dot_v1_dot_cluster__pb2.RevertVolumeResponse.SerializeToString,
+            ),
+            'IssueToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueToken,
+                    request_deserializer=braid_dot_v1_dot_cluster__pb2.IssueTokenRequest.FromString,
+                    response_serializer=braid_dot_v1_dot_cluster__pb2.IssueTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class ClusterService:
             '/braid.v1.ClusterService/RevertVolume',
             braid_dot_v1_dot_cluster__pb2.RevertVolumeRequest.SerializeToString,
             braid_dot_v1_dot_cluster__pb2.RevertVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/braid.v1.ClusterService/IssueToken',
+            braid_dot_v1_dot_cluster__pb2.IssueTokenRequest.SerializeToString,
+            braid_dot_v1_dot_cluster__pb2.IssueTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

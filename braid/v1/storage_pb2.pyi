@@ -186,10 +186,12 @@ class VolumeEvent(_message.Message):
     def __init__(self, type: _Optional[_Union[_meta_pb2.EventType, str]] = ..., object: _Optional[_Union[Volume, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class SnapshotSpec(_message.Message):
-    __slots__ = ("volume",)
+    __slots__ = ("volume", "description")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     volume: str
-    def __init__(self, volume: _Optional[str] = ...) -> None: ...
+    description: str
+    def __init__(self, volume: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
 
 class SnapshotStatus(_message.Message):
     __slots__ = ("phase", "message", "volume_uid", "size_bytes", "extent_size_bytes", "extents", "replicas", "allocated_bytes", "created_at", "pause_seconds")

@@ -86,6 +86,7 @@ SPEC_CHANGE = {
     "router": (lambda s: setattr(s, "description", "changed"), lambda s: s.description, "changed"),
     "securitygroup": (lambda s: setattr(s, "description", "changed"), lambda s: s.description,
                       "changed"),
+    "snapshot": (lambda s: setattr(s, "description", "changed"), lambda s: s.description, "changed"),
 }
 
 ALL_KINDS = sorted(K.KINDS)
@@ -158,7 +159,8 @@ def shared(etcd_server, tmp_path_factory):
 
 # what each example refers to
 DEPS = {"vm": ["volume", "network"], "subnet": ["network", "router"],
-        "router": ["network", "subnet"], "port": ["network", "subnet", "securitygroup"]}
+        "router": ["network", "subnet"], "port": ["network", "subnet", "securitygroup"],
+        "snapshot": ["volume"]}
 
 
 def dependency(kind_name: str):

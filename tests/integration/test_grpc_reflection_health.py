@@ -27,7 +27,7 @@ HEALTH = "grpc.health.v1.Health"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
 KIND_SERVICES = {f"braid.v1.{t}Service" for t in
                  ("VM", "Node", "DiskPool", "Volume", "Network", "Subnet", "Port", "Router",
-                  "SecurityGroup")}
+                  "SecurityGroup", "Snapshot")}
 METHODS = ("Create", "Get", "List", "Update", "Delete", "Watch")
 
 

@@ -71,7 +71,7 @@ def test_cluster_up_apply_watch_down(tmp_path):
             stdout=subprocess.PIPE, text=True, env={**os.environ, "ETCDCTL_API": "3"})
         time.sleep(0.5)
         applied = braid(data, "apply", "-f", "examples/")
-        assert applied.stdout.count(" created") == 9  # every kind but Node; two VMs
+        assert applied.stdout.count(" created") == 10  # every kind but Node; two VMs
         assert "node/node1 configured" in applied.stdout
         time.sleep(1.0)
         watch.terminate()
@@ -87,7 +87,7 @@ def test_cluster_up_apply_watch_down(tmp_path):
         table = braid(data, "get", "volumes").stdout
         assert "vol1" in table and "1GiB" in table
         again = braid(data, "apply", "-f", "examples/", "--wait", "30")
-        assert again.stdout.count(" unchanged") == 10
+        assert again.stdout.count(" unchanged") == 11
         assert "live on every node" in again.stdout   # node1's netd serves the whole machine
         assert "braid:br:net1" in subprocess.run(["ip", "-d", "link", "show", "br-net1"],
                                                  capture_output=True, text=True).stdout
