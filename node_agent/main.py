@@ -201,11 +201,23 @@ class Agent:
                 self.enqueue(vm)
 
 
+def guard(cfg: dict) -> list:
+    """With TLS, the console of a VM (boot output can carry secrets) is for
+    operators and admins (and daemons), like on the API; the certificate says
+    who calls (checked in the same place, controller/guard.py)."""
+    from braid.service import tls_files
+    if tls_files(cfg) is None:
+        return []
+    from controller.authz import Policy, pki_cert_identity
+    from controller.guard import ApiGuard, make_identify
+    return [ApiGuard(make_identify(None, pki_cert_identity), Policy())]
+
+
 def main(argv=None) -> int:
     agent = Agent()
     return run_main("node-agent", OPTIONS, node_daemon_body(
         "node-agent", agent.hook, on_lost=agent.on_lost, on_registered=agent.on_registered,
-        register=agent.register, presence_info=agent.presence_info), argv)
+        register=agent.register, presence_info=agent.presence_info), argv, interceptors=guard)
 
 
 if __name__ == "__main__":

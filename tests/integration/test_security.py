@@ -176,6 +176,8 @@ def test_roles_are_enforced_and_every_denial_is_audited(lc):
     as_user("vera", "delete", "volume", "rolevol", expect=6)
     as_user("vera", "apply", "-f", str(REPO / "examples" / "tiny-vm.yaml"), expect=6)
     as_user("otto", "apply", "-f", str(REPO / "examples" / "tiny-vm.yaml"))   # an operator runs VMs
+    p = as_user("vera", "vm", "logs", "tiny", expect=6)   # the node agent checks roles too
+    assert "may not console vm tiny" in p.stderr, p.stderr
     as_user("otto", "vm", "stop", "tiny", "--wait", "30")
     as_user("otto", "delete", "volume", "rolevol", expect=6)               # ... but deletes no volume
     as_user("otto", "volume", "resize", "rolevol", "--size", "128M", "--wait", "0")
