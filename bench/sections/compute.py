@@ -329,12 +329,12 @@ def _boot_metrics(ctx: SectionContext) -> list[Metric]:
     live: list[str] = []  # VMs created and not yet confirmed gone
     try:
         state = cluster.up(nodes=1, libvirt_uri="qemu:///system", progress=_log)
-        client = Client(state["api"])
+        client = Client(state["api"], tls=cluster.user_tls())
         lv.domains()  # connects
 
         def channel_for(vm: str) -> grpc.Channel:
             if "agent" not in channels:  # same node every run: resolve once
-                channels["agent"] = grpc.insecure_channel(agent_address(client, vm))
+                channels["agent"] = _agent_channel(agent_address(client, vm), cluster)
             return channels["agent"]
 
         braid_s, direct_s, gone_s, details = [], [], [], []
@@ -511,9 +511,18 @@ def _parallel(threads: int, items: list, make_worker: Callable[[], Callable]) ->
             w.client.close()
 
 
+def _agent_channel(address: str, cluster: LocalCluster) -> grpc.Channel:
+    """A channel to a node agent of the (secure by default) local cluster."""
+    tls = cluster.user_tls()
+    if tls is None:
+        return grpc.insecure_channel(address)
+    from braid.pki import grpc_channel_credentials
+    return grpc.secure_channel(address, grpc_channel_credentials(tls))
+
+
 class _Creator:
-    def __init__(self, address: str):
-        self.client = Client(address)
+    def __init__(self, address: str, tls=None):
+        self.client = Client(address, tls=tls)
 
     def __call__(self, vm) -> None:
         self.client.create(vm)
@@ -594,7 +603,7 @@ def _ops_metrics(ctx: SectionContext) -> list[Metric]:
         agent_workers = next(o.default for o in AGENT_OPTIONS if o.name == "workers")
 
         api = state["api"]
-        client = Client(api)
+        client = Client(api, tls=cluster.user_tls())
         closers.append(client.close)
         watch = _PhaseWatch(client)
         closers.append(watch.close)
@@ -606,7 +615,7 @@ def _ops_metrics(ctx: SectionContext) -> list[Metric]:
         vms = [_tiny(name, kernel, initrd) for name in names]
 
         # (a) create -> all Running
-        t0 = _parallel(threads, vms, lambda: _Creator(api))
+        t0 = _parallel(threads, vms, lambda: _Creator(api, cluster.user_tls()))
         issued_create = time.perf_counter() - t0
         t1 = watch.wait(lambda: watch.counts["Running"] == n, f"all {n} VMs Running")
         create_s = t1 - t0
@@ -629,7 +638,7 @@ def _ops_metrics(ctx: SectionContext) -> list[Metric]:
         _log(f"{n} VMs stopped in {stop_s:.2f}s ({by_timeout} powered off after the timeout)")
 
         # (c) delete -> all DELETED and no domain left on the agent
-        channel = grpc.insecure_channel(agent_address(client, names[0]))
+        channel = _agent_channel(agent_address(client, names[0]), cluster)
         closers.append(channel.close)
         console_dir = data_dir / "console" / NODE
         logs = sorted(p.name for p in console_dir.glob("*.log")) if console_dir.exists() else []
@@ -659,7 +668,7 @@ def _ops_metrics(ctx: SectionContext) -> list[Metric]:
         left, _, _ = client.list("vm")
         if left:
             raise RuntimeError(f"{len(left)} VMs still listed after the delete")
-        store = Store(state["etcd"])
+        store = Store(state["etcd"], tls=cluster.user_tls("root"))
         try:  # the API hides a status key without its spec: look at etcd itself
             leftover = [kv.key for kv in store.list("vm/")[0]]
         finally:

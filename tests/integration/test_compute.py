@@ -74,7 +74,7 @@ def cluster(tmp_path_factory):
     data = tmp_path_factory.mktemp("compute") / "cluster"
     lc = LocalCluster(data)
     state = lc.up(nodes=1, lease_ttl=TTL, libvirt_uri="qemu:///system")
-    c = Client(state["api"])
+    c = Client(state["api"], tls=lc.user_tls())
     try:
         yield lc, c, data, guest
     finally:
