@@ -30,6 +30,7 @@ import bisect
 import dataclasses
 import errno
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -135,6 +136,7 @@ class StorageNode:
         # mirrored writes since the copy started (the copy must never overwrite those)
         self.joins: dict[tuple[str, int], Intervals] = {}
         self.writes: dict[tuple[str, int], int] = {}   # local writes per replica (data, index)
+        self._suspect: dict[str, float] = {}   # peer -> until when it is asked last (it did not answer)
         self._cloning: dict[tuple[str, int], asyncio.Future] = {}   # copies of a base under way
 
     # -- shared helpers --------------------------------------------------------
@@ -233,6 +235,16 @@ class StorageNode:
             iv = self.joins.get(key)
             if iv is not None:
                 iv.add(offset, offset + length)
+
+    def suspect(self, node: str, seconds: float = 30.0) -> None:
+        """``node`` did not answer a read in time (e.g. its disk hangs): ask the
+        other members first for a while, instead of waiting for it every time."""
+        self._suspect[node] = time.monotonic() + seconds
+
+    def read_order(self, replicas) -> list:
+        """Members to read from: the ones that answered lately first (stable otherwise)."""
+        now = time.monotonic()
+        return sorted(replicas, key=lambda r: self._suspect.get(r.node, 0.0) > now)
 
     def forget(self, uid: str, index: int) -> None:
         self._open.pop((uid, index), None)
@@ -628,7 +640,7 @@ class VolumeEngine:
                     log.error("volume %s: %s; reading a peer's copy", self.info.name, exc)
                     last = exc
             stale = False
-            for rep in rec.replicas:
+            for rep in self.sn.read_order(rec.replicas):
                 if rep.node == self.sn.node:
                     continue
                 try:
@@ -639,6 +651,8 @@ class VolumeEngine:
                     last = exc
                     stale = stale or exc.stale
                 except (P.PeerUnavailable, asyncio.TimeoutError, OSError) as exc:
+                    if isinstance(exc, asyncio.TimeoutError):
+                        self.sn.suspect(rep.node)
                     last = exc
             if not stale:
                 break

@@ -138,7 +138,7 @@ class Rebuilder:
             if rec is None:
                 return None
             stale, errors = False, []
-            for src in rec.replicas:
+            for src in self.sn.read_order(rec.replicas):   # a member that hangs: asked last
                 if src.node == self.sn.node:
                     continue
                 try:
@@ -150,6 +150,8 @@ class Rebuilder:
                     stale = stale or exc.stale
                     errors.append(f"{src.node}: {exc}")
                 except (P.PeerUnavailable, asyncio.TimeoutError, OSError) as exc:
+                    if isinstance(exc, asyncio.TimeoutError):
+                        self.sn.suspect(src.node)
                     errors.append(f"{src.node}: {exc or type(exc).__name__}")
             if stale:
                 await self.sn.refresh(volume, index)

@@ -172,8 +172,13 @@ class Scrubber:
                   "(reads of that range come from the other members)", rec.key, off, off + n)
 
     async def _compare(self, rec: X.ExtentRecord, off: int, n: int, local: bytes) -> None:
+        """Compare the chunk with the other members'. Writes in flight may land
+        on one side first: a difference counts only when it stays, and no write
+        reached this replica meanwhile (else no verdict: a later pass looks again)."""
+        key = (rec.data_id, rec.index)
         for src in rec.replicas[1:]:
-            for attempt in range(3):   # in-flight writes may land on one side first
+            seq = self.sn.writes.get(key, 0)
+            for attempt in range(3):
                 try:
                     _, theirs = await self.sn.peer(src.node).call(P.OP_READ, rec.volume, rec.uid, rec.index,
                                                                   rec.generation, off, n)
@@ -181,7 +186,12 @@ class Scrubber:
                     break   # a stale view, a peer away: judged in a later pass
                 if bytes(theirs) == local:
                     break
-                if attempt == 2:
+                if self.sn.writes.get(key, 0) != seq:   # being written: no verdict now
+                    if attempt == 2:
+                        log.debug("scrub: %s bytes %d-%d busy; compared in a later pass", rec.key, off, off + n)
+                        break
+                    seq = self.sn.writes.get(key, 0)
+                elif attempt == 2:
                     self.status.mismatches += 1
                     MISMATCHES.inc()
                     log.error("scrub: %s bytes %d-%d differ between %s and %s (both checksums valid)",
