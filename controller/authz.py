@@ -38,6 +38,7 @@ themselves. The token itself is shown once, by :meth:`TokenStore.issue`.
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import hashlib
 import json
@@ -95,6 +96,26 @@ def pki_cert_identity(context) -> Identity | None:
     (``braid.pki.identity_from_grpc_context``), or None."""
     from braid import pki
     return from_pki(pki.identity_from_grpc_context(context))
+
+
+# The identity of the call being served (set by the guard around the handler):
+# for checks that need the object, not only the method (``host_resource_problems``).
+CURRENT: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("braid_identity", default=None)
+
+
+def host_resource_problems(ident: Identity | None, new, old) -> list[str]:
+    """What an operator may not give a VM: host resources outside Braid's
+    control — a disk that is a host file or device (``spec.disks[].path``)
+    or a NIC on a host bridge (``spec.nics[].bridge``). Those already in the
+    stored VM (set by an admin) may stay. Empty for admins and daemons."""
+    if ident is None or ident.kind != USER or ident.role != "operator":
+        return []
+    had_paths = {d.path for d in old.spec.disks} if old is not None else set()
+    had_bridges = {n.bridge for n in old.spec.nics} if old is not None else set()
+    out = [f"spec.disks[{i}].path" for i, d in enumerate(new.spec.disks) if d.path and d.path not in had_paths]
+    out += [f"spec.nics[{i}].bridge" for i, n in enumerate(new.spec.nics)
+            if n.bridge and n.bridge not in had_bridges]
+    return out
 
 
 # -- the method table ---------------------------------------------------------

@@ -43,7 +43,7 @@ from prometheus_client import Counter
 from braid.clock import Clock, RealClock
 from braid.store import StoreError
 from controller.audit import AuditEvent, AuditLog
-from controller.authz import ANONYMOUS, ANONYMOUS_ADMIN, Decision, Identity, Policy, TokenStore
+from controller.authz import ANONYMOUS, ANONYMOUS_ADMIN, CURRENT, Decision, Identity, Policy, TokenStore
 from controller.ratelimit import RateLimiter, StreamLimiter
 
 log = logging.getLogger("braid.controller.guard")
@@ -206,11 +206,14 @@ class ApiGuard(grpc.ServerInterceptor):
         return call
 
     def _run(self, c: _Call, context, fn):
+        token = CURRENT.set(c.identity)   # for checks deeper down that need the caller
         try:
             resp = fn()
         except BaseException:
             self._finish(c, context, "UNKNOWN")
             raise
+        finally:
+            CURRENT.reset(token)
         self._finish(c, context, "OK")
         return resp
 

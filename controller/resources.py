@@ -186,6 +186,16 @@ class Resources:
         except K.CorruptObject as exc:
             raise ApiError(grpc.StatusCode.DATA_LOSS, str(exc)) from None
 
+    def _host_resources(self, vm: Message, old: Message | None) -> None:
+        from controller.authz import CURRENT, host_resource_problems
+        ident = CURRENT.get()
+        bad = host_resource_problems(ident, vm, old)
+        if bad:
+            raise ApiError(grpc.StatusCode.PERMISSION_DENIED,
+                           f"{ident} may not give a VM host resources ({', '.join(bad)}): "
+                           "use Braid volumes and networks, or ask an admin",
+                           [validation.FieldError(f, "host resources need the admin role") for f in bad])
+
     def _clone_defaults(self, vol: Message) -> None:
         """A clone without a size or extent size takes its snapshot's (and its replicas)."""
         snap_kind = K.KINDS["snapshot"]
@@ -211,6 +221,8 @@ class Resources:
         apply_defaults(kind, obj)
         self._validate(kind, obj)
         self._prerequisites(kind, obj, None)
+        if kind.name == "vm":
+            self._host_resources(obj, None)
         md = obj.metadata
         md.uid = str(uuid.uuid4())
         md.created_at = _now()
@@ -313,6 +325,8 @@ class Resources:
         apply_defaults(kind, new)
         self._validate(kind, new)
         self._prerequisites(kind, new, current)
+        if kind.name == "vm":
+            self._host_resources(new, current)
         made = self._nic_ports(new, current) if kind.name == "vm" else []
         if new.spec != current.spec:
             new.metadata.generation = current.metadata.generation + 1

@@ -176,6 +176,11 @@ def test_roles_are_enforced_and_every_denial_is_audited(lc):
     as_user("vera", "delete", "volume", "rolevol", expect=6)
     as_user("vera", "apply", "-f", str(REPO / "examples" / "tiny-vm.yaml"), expect=6)
     as_user("otto", "apply", "-f", str(REPO / "examples" / "tiny-vm.yaml"))   # an operator runs VMs
+    hostdisk = (REPO / "examples" / "tiny-vm.yaml").read_text().replace("name: tiny", "name: sneaky", 1) + \
+        "  disks:\n  - name: vda\n    path: /dev/sda\n"
+    p = subprocess.run([str(REPO / ".venv" / "bin" / "braid"), "--data-dir", str(data), "--user", "otto",
+                        "apply", "-f", "-"], input=hostdisk, capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 6 and "spec.disks[0].path" in p.stderr, (p.stdout, p.stderr)   # no host devices
     p = as_user("vera", "vm", "logs", "tiny", expect=6)   # the node agent checks roles too
     assert "may not console vm tiny" in p.stderr, p.stderr
     as_user("otto", "vm", "stop", "tiny", "--wait", "30")
