@@ -158,14 +158,17 @@ class StorageDaemon:
         srv = self._call(self.sn.serve_peers(host, port))
         info["peer_address"] = f"{host}:{srv.sockets[0].getsockname()[1]}"
         nbd_listen = cfg["nbd_listen"]
-        if nbd_listen and d.tls is not None:   # NBD has no TLS here: only the node's own QEMU may connect
-            if nbd_listen != NBD_TCP_DEFAULT:
-                raise ConfigError("nbd_listen: NBD over TCP has no TLS here yet; with TLS on, volumes are "
-                                  "served on the unix sockets only (give --nbd-listen '')")
-            log.info("TLS on: NBD over TCP stays off (volumes are served on %s/<volume>.sock)", self.socket_dir)
+        if nbd_listen and d.tls is not None and nbd_listen == NBD_TCP_DEFAULT:
+            # QEMU on this node uses the unix sockets; TCP only when asked for (and then TLS only)
+            log.info("TLS on: NBD over TCP stays off unless --nbd-listen is given (volumes are served "
+                     "on %s/<volume>.sock)", self.socket_dir)
             nbd_listen = ""
         if nbd_listen:
             host, port = _hostport(nbd_listen, "nbd_listen")
+            if d.tls is not None:   # NBD_OPT_STARTTLS required, with a client certificate of the cluster
+                from braid.pki import ReloadingSSLContext
+                self.nbd.tls = ReloadingSSLContext(d.tls, server=True).server_context()
+                self.nbd.tls_admit = _cluster_peer
             srv = self._call(self.nbd.serve_tcp(host, port))
             info["nbd_address"] = f"{host}:{srv.sockets[0].getsockname()[1]}"
         info["nbd_socket_dir"] = self.socket_dir
@@ -581,6 +584,13 @@ class StorageDaemon:
             for disk in self.disks.values():
                 disk.close()
             self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def _cluster_peer(transport) -> str:
+    """NBD over TCP takes any certificate of the cluster's CA (TLS verified
+    it; here: that it is a Braid identity)."""
+    from braid.pki import identity_from_ssl
+    return "" if identity_from_ssl(transport) is not None else "no Braid certificate"
 
 
 def main(argv=None) -> int:

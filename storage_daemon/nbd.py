@@ -38,8 +38,10 @@ Design notes:
   requests still run to completion (their replies are dropped); only
   :meth:`NbdServer.shutdown` past its timeout cancels handlers.
 
-TLS (``NBD_OPT_STARTTLS``), extended headers and ``NBD_CMD_CACHE`` are not
-supported: STARTTLS is refused with ``NBD_REP_ERR_POLICY``, extended headers
+TLS (``NBD_OPT_STARTTLS``) only where the server is given an ssl context, and
+then it is required (every other option before it: ``NBD_REP_ERR_TLS_REQD``);
+elsewhere STARTTLS is refused with ``NBD_REP_ERR_POLICY``. Extended headers and
+``NBD_CMD_CACHE`` are not supported: extended headers
 with ``NBD_REP_ERR_UNSUP``, and the cache command (never advertised) fails
 with ``NBD_EINVAL``.
 """
@@ -134,6 +136,7 @@ _REP_META_CONTEXT = 4
 _REP_ERR_UNSUP = (1 << 31) + 1
 _REP_ERR_POLICY = (1 << 31) + 2
 _REP_ERR_INVALID = (1 << 31) + 3
+_REP_ERR_TLS_REQD = (1 << 31) + 5
 _REP_ERR_UNKNOWN = (1 << 31) + 6
 _REP_ERR_TOO_BIG = (1 << 31) + 9
 
@@ -318,7 +321,11 @@ class NbdServer:
     def __init__(self, lookup: Callable[[str], Export | None], names: Callable[[], list[str]], *,
                  max_request: int = 32 << 20, preferred_block: int = 4096, max_inflight: int = 64,
                  default_export: str | None = None, log: logging.Logger | None = None,
-                 handshake_timeout: float | None = 30.0):
+                 handshake_timeout: float | None = 30.0, tls=None, tls_admit=None):
+        """``tls`` (an ``ssl.SSLContext`` for the server side): TLS is required
+        (NBD_OPT_STARTTLS before anything else; the spec's FORCEDTLS mode);
+        ``tls_admit(transport) -> str``: "" to go on with the TLS peer, else
+        why not."""
         if preferred_block < 512 or preferred_block & (preferred_block - 1):
             raise ValueError("preferred_block must be a power of two >= 512")
         if not preferred_block <= max_request <= 0xFFFFFFFF - 8:
@@ -327,6 +334,8 @@ class NbdServer:
             raise ValueError("max_inflight must be >= 1")
         self._lookup = lookup
         self._names = names
+        self.tls = tls
+        self.tls_admit = tls_admit
         self.max_request = max_request
         self.preferred_block = preferred_block
         self.max_inflight = max_inflight
@@ -486,6 +495,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._no_zeroes = False
         self._structured = False
         self._meta_export: str | None = None   # export whose base:allocation context was selected
+        self._tls = False                   # the session was upgraded by NBD_OPT_STARTTLS
 
         # Transmission state.
         self._transmitting = False
@@ -785,9 +795,55 @@ class _Connection(asyncio.BufferedProtocol):
                 self._opt_error(opt, _REP_ERR_TOO_BIG, f"option data of {length} bytes is too big")
                 continue
             data = await self._recv(length) if length else b""
+            if opt == _OPT_STARTTLS and self._server.tls is not None and not data and not self._tls:
+                if not await self._starttls():
+                    return
+                continue
+            if self._server.tls is not None and not self._tls and opt != _OPT_ABORT:
+                if opt == _OPT_EXPORT_NAME:   # cannot be refused politely
+                    self._protocol_error("NBD_OPT_EXPORT_NAME before TLS")
+                    return
+                self._opt_error(opt, _REP_ERR_TLS_REQD, "TLS is required: NBD_OPT_STARTTLS first")
+                continue
             if self._option(opt, data):
                 return
         self._protocol_error("more than %d options", _MAX_OPTIONS)
+
+    async def _starttls(self) -> bool:
+        """NBD_OPT_STARTTLS: ACK, then the TLS handshake on the same socket
+        (the client sends nothing else before its ClientHello)."""
+        self._opt_reply(_OPT_STARTTLS, _REP_ACK)
+        self._flush()
+        if self._wpos > self._rpos:
+            self._protocol_error("data after NBD_OPT_STARTTLS before the TLS handshake")
+            return False
+        try:
+            transport = await self._loop.start_tls(self._transport, self, self._server.tls, server_side=True,
+                                                   ssl_handshake_timeout=10.0)
+        except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+            self._log.warning("%s: TLS handshake failed: %s", self._name, exc)
+            self._tls_failed(exc)
+            return False
+        if transport is None:
+            self._tls_failed(None)
+            return False
+        self._transport = transport
+        self._out = None   # the TLS transport copies anyway: write each message as it comes
+        self._tls = True
+        why = self._server.tls_admit(transport) if self._server.tls_admit else ""
+        if why:
+            self._log.warning("%s: refused after TLS: %s", self._name, why)
+            self._begin_close()
+            return False
+        return True
+
+    def _tls_failed(self, exc: BaseException | None) -> None:
+        """The TLS layer took the socket and failed: it may never tell us the
+        connection is gone, so end it here."""
+        if self._transport is not None:
+            self._transport.abort()
+        if not self._lost:
+            self.connection_lost(exc if isinstance(exc, Exception) else None)
 
     def _option(self, opt: int, data: bytes) -> bool:
         """Handle one option; True when negotiation is over (transmission entered or aborted)."""
