@@ -91,6 +91,11 @@ for arg in $(cat /proc/cmdline); do
   braid.fill=*)   # keep N MiB of random data in RAM (gives a live migration something to copy)
     n=${arg#braid.fill=}; case "$n" in ''|*[!0-9]*) n=0;; esac
     dd if=/dev/urandom of=/root/fill bs=1M count="$n" 2>/dev/null && say "filled $n MiB";;
+  braid.dirty=*)  # rewrite N MiB of RAM every second: a migration capped below N MiB/s never converges
+    n=${arg#braid.dirty=}; case "$n" in ''|*[!0-9]*) n=0;; esac
+    ( while :; do dd if=/dev/urandom of=/root/dirty bs=1M count="$n" conv=notrunc 2>/dev/null
+        sleep 1; done ) &
+    say "dirtying $n MiB/s";;
   braid.ping=*)   # ping an address until it answers (network tests), for up to 2 minutes
     a=${arg#braid.ping=}
     ( i=0; while [ $i -lt 120 ]; do

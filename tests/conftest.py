@@ -19,6 +19,34 @@ from braid.store import Store  # noqa: E402
 
 _prefixes = itertools.count()
 
+# pytest-timeout's signal method cannot interrupt a test blocked in C code (a libvirt
+# call that never returns did that once in CI: the run hung until CI's own limit, with
+# no word of where). A second, harder limit: faulthandler's C thread prints every
+# thread's stack and ends the run 120 s after the test's own timeout.
+_HARD_GRACE = 120
+
+
+def _real_stderr(config) -> int:
+    """The terminal's stderr, not pytest's capture file (lost when the process ends)."""
+    cm = config.pluginmanager.getplugin("capturemanager")
+    err = getattr(getattr(cm, "_global_capturing", None), "err", None)
+    return getattr(err, "targetfd_save", None) or sys.__stderr__.fileno()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import faulthandler
+
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker and marker.args else float(item.config.getini("timeout") or 0)
+    if limit > 0:
+        faulthandler.dump_traceback_later(limit + _HARD_GRACE, exit=True, file=_real_stderr(item.config))
+    try:
+        yield
+    finally:
+        if limit > 0:
+            faulthandler.cancel_dump_traceback_later()
+
 
 @pytest.fixture(scope="session")
 def etcd_server(tmp_path_factory):
