@@ -360,12 +360,24 @@ class Hypervisor:
         flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
                  | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
         outcome: dict = {}
+        uuid = dom.UUIDString()
 
         def run():
+            # on a connection of its own: with the call waiting on the shared one, an
+            # abortJob() (or jobStats()) from this thread sometimes never came back
+            # (libvirt's client passes one socket between threads; seen in CI)
+            mconn = None
             try:
-                dom.migrateToURI3(dest_uri, params, flags)
+                mconn = libvirt.open(self.uri)
+                mconn.lookupByUUIDString(uuid).migrateToURI3(dest_uri, params, flags)
             except libvirt.libvirtError as exc:
                 outcome["error"] = exc.get_error_message()
+            finally:
+                if mconn is not None:
+                    try:
+                        mconn.close()
+                    except libvirt.libvirtError:
+                        pass
 
         t = threading.Thread(target=run, name=f"migrate-{vm}", daemon=True)
         t.start()

@@ -324,11 +324,16 @@ def test_cancel_migration(libvirt_pair, guest):  # noqa: F811
     result: dict = {}
 
     def run() -> None:
+        # a connection of its own, like the node agent's: with migrateToURI3 waiting on
+        # the shared connection, abortJob() from the main thread sometimes never returned
+        conn = a.connect()
         try:
-            migrate(dom, b, **{libvirt.VIR_MIGRATE_PARAM_BANDWIDTH: 1})  # MiB/s
+            migrate(conn.lookupByName(dom.name()), b, **{libvirt.VIR_MIGRATE_PARAM_BANDWIDTH: 1})  # MiB/s
             result["ok"] = True
         except libvirt.libvirtError as exc:
             result["error"] = exc
+        finally:
+            conn.close()
         result["t"] = time.monotonic()
 
     th = threading.Thread(target=run, daemon=True)
