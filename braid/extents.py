@@ -374,7 +374,7 @@ DROP_COOLDOWN = 60.0   # seconds a node dropped from an extent is not chosen to 
 
 
 def repair(rec: ExtentRecord, policy: int, usable, disks: list[DiskCandidate],
-           now: float = 0.0, cooldown: float = DROP_COOLDOWN):
+           now: float = 0.0, cooldown: float = DROP_COOLDOWN, started: dict[str, float] | None = None):
     """Pure planner of one extent's repair. ``usable(replica)`` says whether a
     member can be counted on (its storage daemon is live, or was until the
     grace ran out, and its disk is healthy). Returns one step:
@@ -383,7 +383,11 @@ def repair(rec: ExtentRecord, policy: int, usable, disks: list[DiskCandidate],
       rebuild on the disk of another node (hot spares first, then the most
       free space), not on a node dropped from this extent less than
       ``cooldown`` seconds before ``now`` (its lease may outlive it: choosing
-      it again would only be dropped again by the next write);
+      it again would only be dropped again by the next write), unless its
+      storage daemon started after the drop (``started``: node -> unix time):
+      then it is back for real. A disk this extent was dropped from comes
+      first of all: its old copy is resynced, only what changed since is
+      copied (``storage_daemon.changes``);
     * ``("drop", [Replica, ...])``: joiners that are not usable (their copy
       cannot finish); once enough usable members exist, the unusable ones (a
       bad disk is evacuated only after its data lives elsewhere, never
@@ -403,9 +407,13 @@ def repair(rec: ExtentRecord, policy: int, usable, disks: list[DiskCandidate],
     if not rec.replicas or len(good) + len(rec.joining) >= policy:
         return None
     taken = {r.node for r in rec.replicas + rec.joining}
-    taken |= {d.node for d in rec.dropped if d.at and now - d.at < cooldown}
-    options = [d for d in disks if d.node not in taken and d.free_bytes >= rec.size]
+    started = started or {}
+    taken |= {d.node for d in rec.dropped if d.at and now - d.at < cooldown and started.get(d.node, 0) <= d.at}
+    old_copies = {(d.node, d.disk) for d in rec.dropped}
+    options = [d for d in disks if d.node not in taken
+               and (d.free_bytes >= rec.size or (d.node, d.disk) in old_copies)]
     if not options:
         return None
-    best = min(options, key=lambda d: (not d.hot_spare, -d.free_bytes, d.node, d.disk))
+    best = min(options, key=lambda d: ((d.node, d.disk) not in old_copies, not d.hot_spare, -d.free_bytes,
+                                       d.node, d.disk))
     return ("join", Replica(best.node, best.disk))

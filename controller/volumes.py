@@ -19,6 +19,7 @@ Level-triggered: ``reconcile(name)`` re-reads everything it needs.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import time
@@ -263,10 +264,11 @@ class VolumeReconciler:
             return False
 
         disks = self._candidates(live)
+        started = {node: _unix(st.started_at) for node, st in live.items()}
         for rec, kv in records.values():
             if kv is None:
                 continue
-            step = X.repair(rec, policy, usable, disks, now=time.time())
+            step = X.repair(rec, policy, usable, disks, now=time.time(), started=started)
             if step is None:
                 continue
             if step[0] == "join":
@@ -415,3 +417,11 @@ class VolumeReconciler:
         if status != vol.status or status_kv is None:
             self.store.put(KIND.status_key(name), K.to_json(status), guards=[guard])
         return retry
+
+
+def _unix(iso: str) -> float:
+    """A daemon's started_at (ISO 8601) as unix time; 0 when missing or malformed."""
+    try:
+        return dt.datetime.fromisoformat(iso).timestamp()
+    except (ValueError, TypeError):
+        return 0.0

@@ -36,7 +36,8 @@ from typing import Callable
 
 from braid import extents as X
 from storage_daemon import peer as P
-from storage_daemon.extent_store import ChecksumError, DiskStore, ReplicaFile
+from storage_daemon.changes import ChangeLog, encode_answer
+from storage_daemon.extent_store import ChecksumError, DiskStore, ReplicaFile, blank_digests
 from storage_daemon.nbd import NbdError
 from storage_daemon.qos import VolumeQos
 
@@ -138,6 +139,10 @@ class StorageNode:
         self.writes: dict[tuple[str, int], int] = {}   # local writes per replica (data, index)
         self._suspect: dict[str, float] = {}   # peer -> until when it is asked last (it did not answer)
         self._cloning: dict[tuple[str, int], asyncio.Future] = {}   # copies of a base under way
+        self.changes = ChangeLog()   # what was written under which generation (resyncs ask)
+        # joining replicas kept for a resync (an old complete copy of this node): their
+        # (uid, index) -> the generation they were dropped at and when (``changes``)
+        self.resync: dict[tuple[str, int], tuple[int, float]] = {}
 
     # -- shared helpers --------------------------------------------------------
 
@@ -156,16 +161,32 @@ class StorageNode:
         deleted now, on the loop, before any write of this record can land.
         When it stops joining (joined, or dropped), the notes go."""
         key = (rec.data_id, rec.index)
+        if rec.writable(self.node) is not None:
+            self.changes.member(key, rec.generation)
+        else:
+            self.changes.forget(key)
         rep = rec.joiner(self.node)
         if rep is not None and key not in self.joins:
             self.joins[key] = Intervals()
             self._open.pop(key, None)
+            self.resync.pop(key, None)
             disk = self.disks.get(rep.disk)
-            if disk is not None and disk.get(rec.data_id, rec.index) is not None:
-                log.info("%s: discarding an old copy on this node before rebuilding it", rec.key)
-                disk.delete_replica(rec.data_id, rec.index)
+            old = disk.get(rec.data_id, rec.index) if disk is not None else None
+            if old is not None:
+                drop = _last_drop(rec, rep)
+                if drop is not None and old.meta.complete and old.meta.generation <= drop.generation:
+                    # a copy complete when this node was dropped: resync it (only what
+                    # changed since). Marked incomplete first: a crash mid-resync must
+                    # not leave it looking whole.
+                    disk.set_meta(rec.data_id, rec.index, complete=False)
+                    self.resync[key] = (drop.generation, drop.at)
+                    log.info("%s: resyncing this node's copy from generation %d", rec.key, drop.generation)
+                else:
+                    log.info("%s: discarding an old copy on this node before rebuilding it", rec.key)
+                    disk.delete_replica(rec.data_id, rec.index)
         elif rep is None and key in self.joins:
             del self.joins[key]
+            self.resync.pop(key, None)
         return rec
 
     async def replica(self, rec: X.ExtentRecord, create: bool, base_ok: bool = True) -> ReplicaFile | None:
@@ -194,9 +215,9 @@ class StorageNode:
                 if not create:
                     return src if base_ok else None
                 rf = await self._clone(disk, src, rec)
-            if rf is None and create:
+            if rf is None and create:   # (a joiner's copy is complete only once it joins)
                 rf = await asyncio.to_thread(disk.open_replica, rec.data_id, rec.index, rec.size,
-                                             rec.generation, True)
+                                             rec.generation, True, rec.holds(self.node) is not None)
             if rf is None:
                 return None
             self._open[key] = rf
@@ -231,6 +252,7 @@ class StorageNode:
         replica is being rebuilt, the copy must leave the range alone."""
         key = (rec.data_id, rec.index)
         self.writes[key] = self.writes.get(key, 0) + 1
+        self.changes.note(key, rec.generation, offset, length)
         if rec.joining:
             iv = self.joins.get(key)
             if iv is not None:
@@ -328,6 +350,9 @@ class StorageNode:
             if op == P.OP_SYNC:
                 await self.sync_peer_writes(uid)
                 return self._reply(writer, req_id, 0, gen)
+            if op == P.OP_CHANGES:
+                return await self._changes(writer, req_id, gen, name, uid, index, since=length,
+                                           dropped_at=offset / 1000)
             rec = self.view.get(name, index)
             if rec is None or rec.uid != uid or rec.generation < gen:
                 rec = await self.refresh(name, index)
@@ -373,6 +398,28 @@ class StorageNode:
         except Exception as exc:  # a bug must not take the connection (or the daemon) down
             log.exception("peer request %s %s/%d crashed", P.OPS.get(op), name, index)
             self._reply(writer, req_id, errno.EIO, gen, f"internal error: {exc}".encode())
+
+    async def _changes(self, writer, req_id: int, gen: int, name: str, uid: str, index: int,
+                       since: int, dropped_at: float) -> None:
+        """A joining copy asks what changed since it was dropped (``storage_daemon.changes``)."""
+        rec = self.view.get(name, index)
+        if rec is None or rec.uid != uid or rec.generation < gen:
+            rec = await self.refresh(name, index)
+        if rec is None or rec.uid != uid:
+            return self._reply(writer, req_id, errno.ENOENT, 0, f"no extent {name}/{index}".encode())
+        if gen != rec.generation or rec.holds(self.node) is None:
+            self.counters.stale_refusals += 1
+            return self._reply(writer, req_id, errno.ESTALE, rec.generation,
+                               f"{self.node} is not a member at generation {gen}".encode())
+        key = (rec.data_id, rec.index)
+        rf = await self.replica(rec, create=False, base_ok=False)
+        mask = self.changes.since(key, since, dropped_at)
+        if rf is not None:
+            digests = await asyncio.to_thread(rf.chunk_digests, self.changes.chunk)
+        else:   # never written here: zeros, their crcs too (or a snapshot's base: copy it all)
+            digests = blank_digests(rec.size, self.changes.chunk)
+            mask = None if rec.base else mask
+        self._reply(writer, req_id, 0, rec.generation, encode_answer(mask, digests))
 
     async def sync_peer_writes(self, uid: str) -> None:
         dirty = self._peer_dirty.pop(uid, set())
@@ -734,6 +781,12 @@ def _storage_peer_only(transport) -> str:
     if who is None or who.kind != "service" or who.service != "storaged":
         return f"{who or 'no Braid certificate'} is not a storage daemon"
     return ""
+
+
+def _last_drop(rec: X.ExtentRecord, rep: X.Replica) -> X.Dropped | None:
+    """The newest time ``rep`` was dropped from ``rec`` (None: it never was)."""
+    drops = [d for d in rec.dropped if d.node == rep.node and d.disk == rep.disk]
+    return max(drops, key=lambda d: d.generation) if drops else None
 
 
 def _apply(rf: ReplicaFile, op: int, off: int, n: int, data, punch: bool) -> None:

@@ -72,6 +72,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -175,15 +176,22 @@ class ChecksumError(OSError):
 
 @dataclass(frozen=True)
 class ReplicaMeta:
-    """What a replica is: extent ``index`` of ``volume`` (its uid), its size and generation."""
+    """What a replica is: extent ``index`` of ``volume`` (its uid), its size and generation.
+    ``complete`` is False while a rebuild or resync fills it: only a complete replica
+    holds all the data of its generation (a resync may start from it, see
+    ``storage_daemon.changes``)."""
 
     volume: str
     index: int
     extent_size: int
     generation: int
+    complete: bool = True
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode() + b"\n"
+        d = asdict(self)
+        if self.complete:
+            del d["complete"]   # (the form written before the field existed)
+        return json.dumps(d, sort_keys=True).encode() + b"\n"
 
     @classmethod
     def from_json(cls, raw: bytes) -> "ReplicaMeta":
@@ -191,7 +199,7 @@ class ReplicaMeta:
         try:
             d = json.loads(raw)
             meta = cls(volume=d["volume"], index=d["index"], extent_size=d["extent_size"],
-                       generation=d["generation"])
+                       generation=d["generation"], complete=d.get("complete", True))
         except (ValueError, UnicodeDecodeError, TypeError, KeyError) as exc:
             raise ValueError(f"not a replica meta record: {exc!r}") from None
         meta.validate()
@@ -202,6 +210,8 @@ class ReplicaMeta:
         _check_uint("index", self.index)
         _check_extent_size(self.extent_size)
         _check_uint("generation", self.generation)
+        if not isinstance(self.complete, bool):
+            raise ValueError(f"complete must be true or false, not {self.complete!r}")
 
 
 _FICLONE = 0x40049409   # linux/fs.h
@@ -775,11 +785,34 @@ class ReplicaFile:
                 pos = hole
         return runs
 
+    def chunk_digests(self, chunk: int) -> list[bytes]:
+        """One 8-byte digest per ``chunk`` bytes (a multiple of 4 KiB) of the block
+        checksums: two replicas whose digests of a chunk differ differ there (a resync
+        compares them; see ``storage_daemon.changes``)."""
+        if chunk <= 0 or chunk % BLOCK:
+            raise ValueError(f"chunk must be a positive multiple of {BLOCK}, not {chunk}")
+        per = chunk >> _SHIFT
+        with self._io_lock:
+            if self._state is not _OPEN:
+                self._ensure_open()
+            raw = memoryview(self._crcs).cast("B")
+            return [_digest(raw[i * 4:(i + per) * 4]) for i in range(0, self._nblocks, per)]
+
     def allocated_bytes(self) -> int:
         """Bytes the data file occupies on disk (st_blocks * 512)."""
         with self._io_lock:
             st = os.fstat(self._data_fd) if self._state is _OPEN else os.stat(self.path)
         return st.st_blocks * 512
+
+
+def _digest(crcs) -> bytes:
+    return hashlib.blake2b(crcs, digest_size=8).digest()
+
+
+def blank_digests(size: int, chunk: int) -> list[bytes]:
+    """``ReplicaFile.chunk_digests`` of a replica of ``size`` bytes never written."""
+    per, nblocks = chunk >> _SHIFT, size >> _SHIFT
+    return [_digest(bytes(min(per, nblocks - i) * 4)) for i in range(0, nblocks, per)]
 
 
 # --- one disk -------------------------------------------------------------------------------------------
@@ -986,9 +1019,10 @@ class DiskStore:
     # -- replicas
 
     def open_replica(self, volume: str, index: int, extent_size: int, generation: int,
-                     create: bool) -> ReplicaFile:
+                     create: bool, complete: bool = True) -> ReplicaFile:
         """The replica's ReplicaFile, opening it if needed. With ``create``, a missing
-        replica is created (thin, all zeros) with ``generation``; without, it is
+        replica is created (thin, all zeros) with ``generation`` (and ``complete``:
+        False for a copy about to be filled); without, it is
         FileNotFoundError. An existing replica keeps its stored generation (see
         ``.meta.generation``; change it with set_generation). ValueError if it exists
         with another extent_size."""
@@ -1005,7 +1039,8 @@ class DiskStore:
                     if meta is not None:
                         h = ReplicaFile(path, meta, on_reopen=self._on_reopen)
                     elif create:
-                        h = self._create(path, ReplicaMeta(volume, index, extent_size, generation))
+                        h = self._create(path, ReplicaMeta(volume, index, extent_size, generation,
+                                                           complete))
                     else:
                         raise FileNotFoundError(errno.ENOENT, f"no replica {volume}/{index} on disk "
                                                 f"{self.name}", str(path.with_suffix(".meta")))
@@ -1082,8 +1117,13 @@ class DiskStore:
         """Persist the replica's generation atomically and durably. Writes made before
         the call are synced first, so a replica never claims a generation its data
         has not reached."""
-        path = self._path(volume, index)
         _check_uint("generation", generation)
+        self.set_meta(volume, index, generation=generation)
+
+    def set_meta(self, volume: str, index: int, **changes) -> None:
+        """Persist changed fields of the replica's meta (``generation``, ``complete``)
+        atomically and durably, after syncing what was written before."""
+        path = self._path(volume, index)
         key = (volume, index)
         with self._stripe(key):
             h = self._cached(key)
@@ -1095,7 +1135,8 @@ class DiskStore:
                 if meta is None:
                     raise FileNotFoundError(errno.ENOENT, f"no replica {volume}/{index} on disk {self.name}",
                                             str(path.with_suffix(".meta")))
-            new = replace(meta, generation=generation)
+            new = replace(meta, **changes)
+            new.validate()
             _atomic_write(path.with_suffix(".meta"), new.to_json())
             if h is not None:
                 h.meta = new

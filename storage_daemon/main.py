@@ -58,6 +58,8 @@ OPTIONS = NODE_OPTIONS + [
     Option("scrub_interval", 86400.0, "seconds between scrub passes over this node's replicas (0: never)",
            float),
     Option("scrub_rate", 16.0, "MiB/s a scrub pass reads", float),
+    Option("resync_margin", 60.0, "seconds this daemon must have run before a replica's drop to tell "
+           "what changed since (a returning copy then resyncs only that)", float),
 ]
 REBUILD_PREFIX = "storage/rebuild/"   # storage/rebuild/<node> -> {"<volume>/<index>": [done, total]}
 # snapshots: the controller asks every storage daemon to hold the writes of a volume
@@ -142,6 +144,9 @@ class StorageDaemon:
         if cfg["rebuild_rate"] <= 0:
             raise ConfigError(f"rebuild_rate: {cfg['rebuild_rate']} must be > 0 (MiB/s)")
         self.rebuilder = Rebuilder(self.sn, rate=cfg["rebuild_rate"] * (1 << 20))
+        if cfg["resync_margin"] < 0:
+            raise ConfigError(f"resync_margin: {cfg['resync_margin']} must be >= 0 (seconds)")
+        self.sn.changes.margin = cfg["resync_margin"]
         if cfg["scrub_interval"] < 0 or cfg["scrub_rate"] <= 0:
             raise ConfigError("scrub_interval must be >= 0 (0: off) and scrub_rate > 0")
         self.scrubber = Scrubber(self.sn, rate=cfg["scrub_rate"] * (1 << 20),
@@ -541,17 +546,33 @@ class StorageDaemon:
             bases |= {(b, rec.index) for b in rec.base}
         for disk, m in suspects:
             rec = records.get((m.volume, m.index))
-            if (rec is not None and rec.writable(self.node)) or (m.volume, m.index) in bases:
+            if (rec is not None and rec.writable(self.node)) or (m.volume, m.index) in bases \
+                    or self._kept_for_resync(rec, disk, m):
                 continue
             why = "its volume is gone" if rec is None else f"dropped from {rec.key}"
             if self._call(self._reclaim(disk, m.volume, m.index)):
                 log.info("reclaimed replica %s/%d on disk %s (%s)", m.volume, m.index, disk.name, why)
+
+    def _kept_for_resync(self, rec: X.ExtentRecord | None, disk: DiskStore, meta) -> bool:
+        """A complete copy this node held when it was dropped is kept while its extent
+        is short of members: when this node rebuilds it, only what changed since is
+        copied (``storage_daemon.changes``). Once the set is whole again, it goes."""
+        if rec is None or not meta.complete:
+            return False
+        eng = self.sn.engines.get(rec.volume)
+        policy = eng.info.replicas if eng is not None and eng.info.uid == rec.uid else 0
+        drops = [d for d in rec.dropped if d.node == self.node and d.disk == disk.name]
+        return bool(drops) and len(rec.replicas) < policy \
+            and meta.generation <= max(d.generation for d in drops)
 
     async def _reclaim(self, disk: DiskStore, uid: str, index: int) -> bool:
         recs = list(self.view.records.values())
         rec = next((r for r in recs if r.data_id == uid and r.index == index), None)
         if (uid, index) in self.sn.joins or (rec is not None and rec.writable(self.node)) \
                 or any(r.index == index and uid in r.base for r in recs) or (uid, index) in self.sn._cloning:
+            return False
+        rf = disk.get(uid, index)
+        if rf is not None and self._kept_for_resync(rec, disk, rf.meta):
             return False
         self.sn.forget(uid, index)
         disk.delete_replica(uid, index)

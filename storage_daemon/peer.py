@@ -43,9 +43,12 @@ REP = struct.Struct("!IIQQI")
 REQ_MAGIC = 0x42524431
 REP_MAGIC = 0x42524432
 
-OP_READ, OP_WRITE, OP_SYNC, OP_ZERO, OP_TRIM, OP_PING = 1, 2, 3, 4, 5, 6
+OP_READ, OP_WRITE, OP_SYNC, OP_ZERO, OP_TRIM, OP_PING, OP_CHANGES = 1, 2, 3, 4, 5, 6, 7
 OPS = {OP_READ: "read", OP_WRITE: "write", OP_SYNC: "sync", OP_ZERO: "zero", OP_TRIM: "trim",
-       OP_PING: "ping"}
+       OP_PING: "ping", OP_CHANGES: "changes"}
+# OP_CHANGES: length = the generation a returning replica last belonged to, offset = when
+# it was dropped (unix milliseconds); the reply (``storage_daemon.changes.encode_answer``) says
+# which chunks changed since and the chunk digests of the member's replica
 F_FUA = 1          # sync the replica before replying
 F_PUNCH = 2        # ZERO: may deallocate
 ALL_EXTENTS = 0xFFFFFFFF  # SYNC: every dirty replica of the volume

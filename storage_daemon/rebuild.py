@@ -15,13 +15,15 @@ replica copies the extent from a member, chunk by chunk, throttled to
   member returned, whatever the order in which they arrive;
 * all-zero chunks are not written (the new replica stays thin).
 
-When the last chunk is in, the replica is synced and joins the set by CAS
-(``promote``: generation bump). A replica file found here for a joining
-extent, when this node learns it joins (a restart mid-copy, or a replica
-this node held before: which writes it missed is unknown), is deleted
-before any write of that record can land (``StorageNode.track_joins``) and
-copied afresh. Progress: ``progress[(volume, index)] = (done, total)``, reported to
-etcd by the daemon.
+When the last chunk is in, the replica is synced, marked complete and joins
+the set by CAS (``promote``: generation bump). A replica file found here for
+a joining extent, when this node learns it joins, is either resynced (a
+copy complete when this node was dropped: only the chunks that changed since
+are copied, over it; see ``storage_daemon.changes``) or deleted before any
+write of that record can land (``StorageNode.track_joins``) and copied afresh
+(a copy interrupted by a restart: which writes it missed is unknown).
+Progress: ``progress[(volume, index)] = (done, total)``, reported to etcd by
+the daemon.
 """
 
 from __future__ import annotations
@@ -30,13 +32,19 @@ import asyncio
 import logging
 import time
 
+from prometheus_client import Counter
+
 from braid import extents as X
+from storage_daemon import changes as C
 from storage_daemon import peer as P
 from storage_daemon.datapath import StorageNode
 
 log = logging.getLogger("braid.storaged.rebuild")
 
 CHUNK = 1 << 20
+COPIES = Counter("braid_rebuild_copies_total", "Replicas this node rebuilt and joined, by kind "
+                 "(full: copied whole; resync: only what changed since it was dropped)", ["kind"])
+COPIED = Counter("braid_rebuild_bytes_total", "Bytes this node read from members for rebuilds", ["kind"])
 _ZERO = bytes(CHUNK)
 
 
@@ -48,6 +56,8 @@ class Rebuilder:
         self.tasks: dict[tuple[str, int], asyncio.Task] = {}
         self.progress: dict[tuple[str, int], tuple[int, int]] = {}
         self.completed = 0
+        self.resynced = 0         # of them, copies that were resynced (only what changed)
+        self.resync_bytes = 0     # bytes those copied
         self._budget_t = time.monotonic()
 
     def poke(self) -> None:
@@ -87,28 +97,49 @@ class Rebuilder:
                 log.error("rebuild of %s: disk %s is not on this node", rec.key, rep.disk)
                 return
             sn.track_joins(rec)   # (done already when the view learnt the record)
-            await sn.replica(rec, create=True)
-            log.info("rebuild of %s on %s/%s: copying %d bytes", rec.key, sn.node, rep.disk, rec.size)
+            rf = await sn.replica(rec, create=True)
             t0, copied = time.monotonic(), 0
-            for off in range(0, rec.size, self.chunk):
-                n = min(self.chunk, rec.size - off)
-                await self._throttle(n)
-                got = await self._read(volume, index, uid, off, n)
-                if got is None:
+            resync = sn.resync.get(key)
+            if resync is None:   # a fresh (thin) file: zeros need no writing
+                spans = [(0, rec.size)]
+                log.info("rebuild of %s on %s/%s: copying %d bytes", rec.key, sn.node, rep.disk, rec.size)
+            else:
+                spans = await self._changed(rec, rf, *resync)
+                if spans is None:
                     return
-                rec, data = got
-                notes = sn.joins.get(key)
-                if notes is None:   # no longer joining (the view moved on)
-                    return
-                rf = await sn.replica(rec, create=True)
-                for a, b in notes.gaps(off, off + n):
-                    piece = memoryview(data)[a - off:b - off]
-                    if piece != _ZERO[:b - a]:
-                        rf.write(a, piece)
-                        copied += b - a
-                self.progress[(volume, index)] = (off + n, rec.size)
+                log.info("resync of %s on %s/%s from generation %d: copying %d of %d bytes",
+                         rec.key, sn.node, rep.disk, resync[0], sum(b - a for a, b in spans), rec.size)
+            total, done = sum(b - a for a, b in spans), 0
+            self.progress[(volume, index)] = (0, total)
+            for lo, hi in spans:
+                for off in range(lo, hi, self.chunk):
+                    n = min(self.chunk, hi - off)
+                    await self._throttle(n)
+                    got = await self._read(volume, index, uid, off, n)
+                    if got is None:
+                        return
+                    rec, data = got
+                    notes = sn.joins.get(key)
+                    if notes is None:   # no longer joining (the view moved on)
+                        return
+                    rf = await sn.replica(rec, create=True)
+                    for a, b in notes.gaps(off, off + n):
+                        piece = memoryview(data)[a - off:b - off]
+                        if piece != _ZERO[:b - a]:
+                            rf.write(a, piece)
+                            copied += b - a
+                        elif resync is not None:   # (the old copy may hold data there)
+                            rf.write_zeroes(a, b - a, punch=True)
+                    done += n
+                    self.progress[(volume, index)] = (done, total)
             rf = await sn.replica(rec, create=True)
             await asyncio.to_thread(rf.sync)
+            # whole now: were it dropped from here on, it could be resynced
+            await asyncio.to_thread(disk.set_meta, uid, index, complete=True)
+            kind = "full" if resync is None else "resync"
+            if resync is not None:
+                self.resynced += 1
+                self.resync_bytes += total
             while True:
                 rec = self._current(volume, index, uid)
                 if rec is None:
@@ -118,6 +149,8 @@ class Rebuilder:
                 await sn.refresh(volume, index)
             await sn.refresh(volume, index)
             self.completed += 1
+            COPIES.labels(kind).inc()
+            COPIED.labels(kind).inc(total)
             took = time.monotonic() - t0
             log.info("rebuild of %s done: %d bytes of data in %.1fs; joined at generation %d",
                      rec.key, copied, took, rec.generation + 1)
@@ -128,6 +161,45 @@ class Rebuilder:
         finally:
             if self._current(volume, index, uid) is None:
                 self.progress.pop((volume, index), None)
+
+    async def _changed(self, rec: X.ExtentRecord, rf, since: int, dropped_at: float):
+        """Byte spans of ``rec`` to copy over this node's old copy (``storage_daemon.changes``):
+        what a member logged since generation ``since`` and where the checksums differ;
+        the whole extent when no member can tell. None when this node no longer joins."""
+        mine = await asyncio.to_thread(rf.chunk_digests, C.CHUNK)
+        nchunks = len(mine)
+        while True:
+            rec = self._current(rec.volume, rec.index, rec.data_id)
+            if rec is None:
+                return None
+            answer, stale = None, False
+            for src in self.sn.read_order(rec.replicas):
+                if src.node == self.sn.node:
+                    continue
+                try:
+                    _, raw = await self.sn.peer(src.node).call(
+                        P.OP_CHANGES, rec.volume, rec.uid, rec.index, rec.generation, int(dropped_at * 1000),
+                        since, timeout=max(10.0, 5 * self.sn.peer_timeout))
+                    answer = C.decode_answer(raw, nchunks)
+                    if answer[0] is None:
+                        log.info("resync of %s: %s cannot tell what changed; copying it all",
+                                 rec.key, src.node)
+                    break
+                except P.PeerError as exc:
+                    stale = stale or exc.stale
+                    log.warning("resync of %s: %s: %s", rec.key, src.node, exc)
+                except (P.PeerUnavailable, asyncio.TimeoutError, OSError, ValueError) as exc:
+                    log.warning("resync of %s: %s: %s", rec.key, src.node, exc or type(exc).__name__)
+            if answer is None and stale:
+                await self.sn.refresh(rec.volume, rec.index)
+                continue
+            chunks = C.plan(*answer, mine) if answer is not None else list(range(nchunks))
+            if answer is not None and answer[0] is not None:
+                logged = bin(answer[0]).count("1")
+                differ = sum(a != b for a, b in zip(answer[1], mine))
+                log.info("resync of %s: %d chunks changed since generation %d (a member's log), "
+                         "%d differ by checksums", rec.key, logged, since, differ)
+            return _spans(chunks, C.CHUNK, rec.size)
 
     async def _read(self, volume: str, index: int, uid: str, off: int, n: int):
         """(record, data) of a chunk read from a member at the current
@@ -161,3 +233,15 @@ class Rebuilder:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
             await self.sn.refresh(volume, index)
+
+
+def _spans(chunks: list[int], chunk: int, size: int) -> list[tuple[int, int]]:
+    """Byte spans of the given chunk indexes, neighbours merged."""
+    out: list[tuple[int, int]] = []
+    for i in chunks:
+        a, b = i * chunk, min((i + 1) * chunk, size)
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
