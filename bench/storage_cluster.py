@@ -67,6 +67,16 @@ class DaemonProcess:
         except OSError:
             return "(no log)"
 
+    def restart(self, timeout: float = 30.0) -> None:
+        """Start the same command again (after a kill or stop); ready as before."""
+        if self.proc.poll() is None:
+            raise RuntimeError(f"{self.name} is still running")
+        self.state_file.unlink(missing_ok=True)
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT,
+                                         cwd=str(ROOT), start_new_session=True)
+        self.info = self._wait_ready(timeout)
+
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
             raise RuntimeError(f"{self.name} died with {self.proc.returncode}: {self.log_tail()}")
@@ -97,6 +107,11 @@ class StorageNode:
         if self.proc.proc.poll() is None:
             self.proc.proc.kill()
         self.proc.proc.wait(10)
+
+    def restart(self) -> None:
+        """Start the killed daemon again, with its disk as the kill left it."""
+        self.proc.restart()
+        self.killed = False
 
     @property
     def pid(self) -> int:

@@ -222,7 +222,10 @@ class StorageNode:
                 return None
             self._open[key] = rf
         if rf.meta.generation < rec.generation:   # (a late request may carry an older one)
-            await asyncio.to_thread(disk.set_generation, rec.data_id, rec.index, rec.generation)
+            # a member's copy is whole (a joiner's became so before it joined): said in the same
+            # durable meta write, so that a later resync may start from it
+            await asyncio.to_thread(disk.set_meta, rec.data_id, rec.index, generation=rec.generation,
+                                    complete=rf.meta.complete or rec.holds(self.node) is not None)
         return rf
 
     def base_replica(self, rec: X.ExtentRecord, disk: DiskStore) -> ReplicaFile | None:

@@ -413,6 +413,7 @@ class StorageDaemon:
             self._scrub_task = asyncio.run_coroutine_threadsafe(self.scrubber.run_forever(), self.loop)
         self._reporter = threading.Thread(target=self._report_loop, name="storaged-report", daemon=True)
         self._reporter.start()
+        self._kept: set[tuple[str, str, int]] = set()   # (disk, uid, index) kept for a resync
         self._collector = threading.Thread(target=self._gc_loop, name="storaged-gc", daemon=True)
         self._collector.start()
         return self.stop
@@ -546,9 +547,16 @@ class StorageDaemon:
             bases |= {(b, rec.index) for b in rec.base}
         for disk, m in suspects:
             rec = records.get((m.volume, m.index))
-            if (rec is not None and rec.writable(self.node)) or (m.volume, m.index) in bases \
-                    or self._kept_for_resync(rec, disk, m):
+            if (rec is not None and rec.writable(self.node)) or (m.volume, m.index) in bases:
                 continue
+            if self._kept_for_resync(rec, disk, m):
+                if (disk.name, m.volume, m.index) not in self._kept:
+                    self._kept.add((disk.name, m.volume, m.index))
+                    disk.drop_cache(m.volume, m.index)
+                    log.info("keeping replica %s/%d on disk %s for a resync (dropped from %s)",
+                             m.volume, m.index, disk.name, rec.key)
+                continue
+            self._kept.discard((disk.name, m.volume, m.index))
             why = "its volume is gone" if rec is None else f"dropped from {rec.key}"
             if self._call(self._reclaim(disk, m.volume, m.index)):
                 log.info("reclaimed replica %s/%d on disk %s (%s)", m.volume, m.index, disk.name, why)
@@ -557,13 +565,15 @@ class StorageDaemon:
         """A complete copy this node held when it was dropped is kept while its extent
         is short of members: when this node rebuilds it, only what changed since is
         copied (``storage_daemon.changes``). Once the set is whole again, it goes."""
-        if rec is None or not meta.complete:
+        if rec is None or not meta.complete or rec.volume.startswith(X.SNAPSHOT_MARK):   # (a snapshot's: no)
+            return False
+        drops = [d for d in rec.dropped if d.node == self.node and d.disk == disk.name]
+        if not drops or meta.generation > max(d.generation for d in drops):
             return False
         eng = self.sn.engines.get(rec.volume)
-        policy = eng.info.replicas if eng is not None and eng.info.uid == rec.uid else 0
-        drops = [d for d in rec.dropped if d.node == self.node and d.disk == disk.name]
-        return bool(drops) and len(rec.replicas) < policy \
-            and meta.generation <= max(d.generation for d in drops)
+        if eng is None or eng.info.uid != rec.uid:   # its volume not learnt yet (just started)
+            return True
+        return len(rec.replicas) < eng.info.replicas
 
     async def _reclaim(self, disk: DiskStore, uid: str, index: int) -> bool:
         recs = list(self.view.records.values())

@@ -15,8 +15,7 @@ replica copies the extent from a member, chunk by chunk, throttled to
   member returned, whatever the order in which they arrive;
 * all-zero chunks are not written (the new replica stays thin).
 
-When the last chunk is in, the replica is synced, marked complete and joins
-the set by CAS (``promote``: generation bump). A replica file found here for
+When the last chunk is in, the replica is synced and joins the set by CAS (``promote``: generation bump). A replica file found here for
 a joining extent, when this node learns it joins, is either resynced (a
 copy complete when this node was dropped: only the chunks that changed since
 are copied, over it; see ``storage_daemon.changes``) or deleted before any
@@ -134,8 +133,7 @@ class Rebuilder:
                     self.progress[(volume, index)] = (done, total)
             rf = await sn.replica(rec, create=True)
             await asyncio.to_thread(rf.sync)
-            # whole now: were it dropped from here on, it could be resynced
-            await asyncio.to_thread(disk.set_meta, uid, index, complete=True)
+            # (its meta says complete once it persists a generation as a member: no fsync more here)
             kind = "full" if resync is None else "resync"
             if resync is not None:
                 self.resynced += 1

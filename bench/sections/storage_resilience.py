@@ -56,11 +56,23 @@ after a snapshot, which copies the extent's data locally on each replica).
 until the volume is Healthy with an NBD socket on every node), median of
 ``SNAPSHOTS`` clones. ``full_clone_seconds`` (param of the same metric): one
 full clone of the same snapshot until its every extent has its own copy.
+
+``resync_after_restart_seconds``: 2 storage daemons, a filled replicas=2
+volume (quick 256 MiB, full 1 GiB); node 2 is killed (SIGKILL), ``CHANGED_IOS``
+random 4k writes go through node 1 (the extents they hit drop node 2), node 2
+is restarted. Time: from its restart (ready) until every extent has both
+replicas and no joiner. With no third node the dropped extents can only be
+rebuilt on node 2 again, over its old copies: resynced, only the 1 MiB chunks
+changed since copied (``--resync-margin 5``: the daemons' logs vouch for drops
+5 s after their start). ``whole_copy_seconds``: the same with a margin no log
+meets, so every chunk of those extents is copied; ``copied_MB`` /
+``whole_copy_MB``: what each copied (from the daemon's log).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,6 +93,8 @@ DEFAULT_RATE = 64      # MiB/s, the daemons' default --rebuild-rate
 HIGH_RATE = 2000
 LEASE_TTL = 5          # the daemons' default --lease-ttl
 POLL = 0.1
+RESYNC_MARGIN = 5.0    # --resync-margin of the resync measurement (default 60 s: a shorter wait)
+CHANGED_IOS = 64       # random 4k writes while the node is away
 
 
 def _log(msg: str) -> None:
@@ -377,6 +391,66 @@ def _snapshots_and_clones(ctx: SectionContext, base: Path) -> list[Metric]:
         shutil.rmtree(base / "snap", ignore_errors=True)
 
 
+def _resync_after_restart(ctx: SectionContext, base: Path, margin: float) -> tuple[float, dict]:
+    """Two nodes, a filled replicas=2 volume; node 2 is killed, ``CHANGED_IOS``
+    random 4k writes go to node 1, node 2 comes back: seconds from its restart
+    until every extent has both replicas again, and what was copied."""
+    size = (256 if ctx.quick else 1024) * MiB
+    tag = f"resync-{margin:g}"
+    cluster = StorageCluster(ctx.tmp_dir / tag, base / tag, nodes=2, peer_timeout=2.0, progress=_log,
+                             controller_args=["--rebuild-delay", str(REBUILD_DELAY)],
+                             daemon_args=["--report-interval", "1", "--resync-margin", str(margin)])
+    try:
+        cluster.start()
+        _fill(cluster, "rs", size)
+        _settle(cluster, ["rs"])
+        time.sleep(RESYNC_MARGIN + 3)   # the fill lies before the drops by more than the margin
+        serving, victim = cluster.nodes
+        victim.kill()
+        cmd = ["fio", "--name=change", "--ioengine=nbd", f"--uri={serving.uri('rs')}", "--rw=randwrite",
+               "--bs=4k", "--iodepth=1", f"--size={size}", f"--number_ios={CHANGED_IOS}", "--norandommap",
+               "--randrepeat=0", "--output-format=json"]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if p.returncode != 0:
+            raise RuntimeError(f"fio exited {p.returncode}: {p.stderr[-2000:]}")
+        dropped = [r for r in cluster.extent_records("rs") if r.holds(victim.name) is None]
+        time.sleep(2.5)   # restarted after the drops, to the second (daemons' started_at)
+        log_at = victim.proc.log.stat().st_size
+        victim.restart()
+        t0 = time.monotonic()
+        while True:
+            cluster.check_alive()
+            if all(len(r.replicas) == 2 and not r.joining for r in cluster.extent_records("rs")):
+                break
+            if time.monotonic() - t0 > 300:
+                raise TimeoutError("not whole 300 s after the restart")
+            time.sleep(POLL)
+        took = time.monotonic() - t0
+        with open(victim.proc.log, "rb") as f:
+            f.seek(log_at)
+            text = f.read().decode(errors="replace")
+        copies = [(int(a), int(b)) for a, b in re.findall(r"resync of \S+ on \S+ from generation \d+: "
+                                                         r"copying (\d+) of (\d+) bytes", text)]
+        copied = sum(a for a, _ in copies)
+        _log(f"margin {margin:g}: {len(dropped)} extents dropped, whole {took:.2f}s after the restart, "
+             f"{copied / MB:.0f} MB copied ({len(copies)} resyncs)")
+        return took, {"extents_dropped": len(dropped), "resyncs": len(copies), "copied_MB": round(copied / MB, 1),
+                      "extents_MB": round(sum(r.size for r in dropped) / MB)}
+    finally:
+        cluster.stop()
+        shutil.rmtree(base / tag, ignore_errors=True)
+
+
+def _resync(ctx: SectionContext, base: Path) -> Metric:
+    took, info = _resync_after_restart(ctx, base, RESYNC_MARGIN)
+    full, full_info = _resync_after_restart(ctx, base, 1e9)   # no log can vouch: every chunk copied
+    return Metric("resync_after_restart_seconds", took, "s", higher_is_better=False, params={
+        **info, "whole_copy_seconds": round(full, 2), "whole_copy_MB": full_info["copied_MB"],
+        "speedup": round(full / took, 1) if took else None, "changed_4k_writes": CHANGED_IOS,
+        "volume_MiB": (256 if ctx.quick else 1024), "extent_MiB": EXTENT // MiB, "nodes": 2,
+        "rebuild_rate_MiBps": DEFAULT_RATE, "resync_margin_s": RESYNC_MARGIN})
+
+
 def run(ctx: SectionContext) -> list[Metric]:
     if shutil.which("fio") is None:
         raise RuntimeError("fio is not installed (scripts/setup.sh installs it)")
@@ -384,6 +458,6 @@ def run(ctx: SectionContext) -> list[Metric]:
     try:
         return [_rebuild_after_kill(ctx, base, DEFAULT_RATE, "rebuild_throughput"),
                 _rebuild_after_kill(ctx, base, HIGH_RATE, f"rebuild_throughput_rate_{HIGH_RATE}"),
-                _iops_during_rebuild(ctx, base), *_snapshots_and_clones(ctx, base)]
+                _iops_during_rebuild(ctx, base), *_snapshots_and_clones(ctx, base), _resync(ctx, base)]
     finally:
         shutil.rmtree(base, ignore_errors=True)

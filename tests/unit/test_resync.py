@@ -156,8 +156,11 @@ def test_a_returning_replica_copies_only_the_chunks_changed_since(tmp_path):
         assert not _same(cl, "n1", "n2")
         rb = await _rejoin(cl, "n2")
         assert rb.resynced == 1 and rb.resync_bytes == 2 * MiB      # chunks 1 and 3 only
-        assert _same(cl, "n1", "n2") and _replica(cl, "n2").meta.complete
-        assert bytes(_replica(cl, "n2").read(3 * MiB, MiB)) == bytes(MiB)
+        assert _same(cl, "n1", "n2") and bytes(_replica(cl, "n2").read(3 * MiB, MiB)) == bytes(MiB)
+        # complete on disk with the first write as a member (no extra fsync at the join)
+        assert not _replica(cl, "n2").meta.complete
+        await e1.write(0, memoryview(b"after" * 100), fua=False)
+        assert _replica(cl, "n2").meta.complete and _same(cl, "n1", "n2")
         await cl.stop()
     run(go())
 
@@ -219,6 +222,7 @@ def test_an_interrupted_copy_is_never_resynced(tmp_path):
         cl.sync_views()
         rb = await _rejoin(cl, "n2")
         assert rb.resynced == 0 and rb.completed == 1 and _same(cl, "n1", "n2")
+        await e1.write(0, memoryview(b"after" * 100), fua=False)
         assert _replica(cl, "n2").meta.complete
         await cl.stop()
     run(go())
