@@ -37,6 +37,7 @@ proto-check: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf build *.egg-info .pytest_cache bench/results/*.json bench/results/report.md

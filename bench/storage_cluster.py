@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from braid import extents as X
 from braid.client import Client
-from braid.localetcd import EtcdProcess
+from braid.dev.localetcd import EtcdProcess
 from braid.store import Store
 from braid.v1 import storage_pb2
 

@@ -46,7 +46,7 @@ class ApiCallError(Exception):
 
 class Client:
     def __init__(self, address: str, timeout: float = 10.0, tls=None, token: str = "", ca: str = ""):
-        """``tls`` (``braid.pki.TlsFiles``): mutual TLS with a certificate of the
+        """``tls`` (``braid.auth.pki.TlsFiles``): mutual TLS with a certificate of the
         cluster; ``token`` (with ``ca``, the cluster CA bundle): a bearer token
         over TLS (the controller's token port); neither: plaintext."""
         self.address = address
@@ -56,7 +56,7 @@ class Client:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
         if tls is not None:
-            from braid.pki import grpc_channel_credentials
+            from braid.auth.pki import grpc_channel_credentials
             self.channel = grpc.secure_channel(address, grpc_channel_credentials(tls), options=options)
         elif token:
             with open(ca, "rb") as f:

@@ -33,7 +33,9 @@ import re
 import time
 from dataclasses import dataclass, field
 
-PREFIX = "extent/"
+from braid import keys
+
+PREFIX = keys.EXTENT
 DEFAULT_EXTENT_SIZE = 64 << 20
 BLOCK = 4096
 
@@ -251,7 +253,7 @@ def _list(d, key: str, optional: bool = False) -> list:
     return v
 
 
-SNAPSHOT_MARK = "@"   # extent/@<snapshot>/<index>: a snapshot's records (names never contain '@')
+SNAPSHOT_MARK = keys.SNAPSHOT_MARK
 
 
 def snapshot_extents(snapshot: str) -> str:
@@ -264,20 +266,9 @@ def new_data_id() -> str:
     return str(uuid.uuid4())
 
 
-def extent_key(volume: str, index: int) -> str:
-    return f"{PREFIX}{volume}/{index:06d}"
-
-
-def volume_prefix(volume: str) -> str:
-    return f"{PREFIX}{volume}/"
-
-
-def parse_key(key: str) -> tuple[str, int] | None:
-    """``extent/<volume>/<index>`` -> (volume, index); None for other keys."""
-    parts = key.split("/")
-    if len(parts) != 3 or parts[0] + "/" != PREFIX or not parts[2].isdigit():
-        return None
-    return parts[1], int(parts[2])
+extent_key = keys.extent          # the record keys are braid.keys'
+volume_prefix = keys.extent_prefix
+parse_key = keys.parse_extent
 
 
 def extent_count(size_bytes: int, extent_size: int) -> int:

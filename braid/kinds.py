@@ -1,11 +1,5 @@
-"""The registry of API kinds and how their objects are laid out in etcd.
-
-Layout under the store prefix (kind first, so one etcd watch on ``<kind>/``
-sees spec and status changes of that kind in revision order)::
-
-    <kind>/spec/<name>             metadata + spec, written only by the API
-    <kind>/status/<name>           status, written only by the owner daemon
-    node/live/<node>/<daemon>      daemon presence, bound to its lease
+"""The registry of API kinds and how their objects are encoded in etcd (the
+keys themselves: braid.keys).
 
 Values are protobuf messages in their canonical JSON encoding (readable in
 ``etcdctl watch``; see bench section ``encoding`` for the cost).
@@ -20,6 +14,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from braid import keys
 from braid.v1 import compute_pb2, meta_pb2, network_pb2, node_pb2, storage_pb2
 
 
@@ -37,20 +32,17 @@ class Kind:
 
     @property
     def spec_prefix(self) -> str:
-        return f"{self.name}/spec/"
+        return keys.spec_prefix(self.name)
 
     @property
     def status_prefix(self) -> str:
-        return f"{self.name}/status/"
+        return keys.status_prefix(self.name)
 
     def spec_key(self, name: str) -> str:
-        return f"{self.name}/spec/{name}"
+        return keys.spec(self.name, name)
 
     def status_key(self, name: str) -> str:
-        return f"{self.name}/status/{name}"
-
-    def spec_message(self) -> type[Message]:
-        return type(self.message().spec)
+        return keys.status(self.name, name)
 
     def status_message(self) -> type[Message]:
         return type(self.message().status)

@@ -16,7 +16,7 @@ import os
 import threading
 from typing import Callable
 
-from braid import __version__
+from braid import __version__, keys
 from braid.kinds import to_json
 from braid.store import Lease, Store, StoreError
 from braid.v1 import node_pb2
@@ -37,7 +37,7 @@ class Presence:
         self.ttl = ttl
         self.on_lost = on_lost
         self.on_registered = on_registered
-        self.key = f"node/live/{node}/{daemon}"
+        self.key = keys.live(node, daemon)
         self.info = node_pb2.DaemonStatus(
             name=daemon, version=__version__, grpc_address=grpc_address,
             metrics_address=metrics_address, pid=os.getpid(),

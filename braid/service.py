@@ -147,14 +147,14 @@ def load_config(daemon: str, options: Iterable[Option], argv: list[str] | None =
 
 
 def tls_files(cfg: dict[str, Any]):
-    """The daemon's TLS material (braid.pki.TlsFiles), or None for plaintext.
+    """The daemon's TLS material (braid.auth.pki.TlsFiles), or None for plaintext.
     All three options or none: a half-configured daemon is a config error."""
     given = [cfg.get("tls_cert"), cfg.get("tls_key"), cfg.get("tls_ca")]
     if not any(given):
         return None
     if not all(given):
         raise ConfigError("tls_cert, tls_key and tls_ca go together (all three, or none for plaintext)")
-    from braid.pki import TlsFiles
+    from braid.auth.pki import TlsFiles
     tls = TlsFiles(cert=Path(given[0]), key=Path(given[1]), ca=Path(given[2]))
     for path in given:
         if not os.path.exists(path):
@@ -206,7 +206,7 @@ class Daemon:
     def start(self) -> None:
         host, port = split_hostport(self.cfg["listen"])
         if self.tls is not None:
-            from braid.pki import reloading_grpc_server_credentials
+            from braid.auth.pki import reloading_grpc_server_credentials
             bound = self.server.add_secure_port(f"{host}:{port}", reloading_grpc_server_credentials(self.tls))
         else:
             log.warning("plaintext gRPC on %s: no tls_cert/tls_key/tls_ca (braid pki)", self.cfg["listen"])

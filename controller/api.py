@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram
 
-from braid import __version__
+from braid import __version__, keys
 from braid import kinds as K
 from braid.store import Store, StoreError
 from braid.v1 import cluster_pb2, meta_pb2
@@ -131,10 +131,10 @@ def cluster_handler(store: Store, resources: Resources, cluster_name: str,
                     tokens=None) -> grpc.GenericRpcHandler:
     def info(_req):
         out = cluster_pb2.ClusterInfo(cluster_name=cluster_name, version=__version__)
-        elections, rev = store.list("election/")
+        elections, rev = store.list(keys.ELECTION)
         out.etcd_revision = rev
         for kv in elections:
-            out.leaders[kv.key.removeprefix("election/")] = kv.value.decode(errors="replace")
+            out.leaders[kv.key.removeprefix(keys.ELECTION)] = kv.value.decode(errors="replace")
         for kind in K.KINDS.values():
             items, _, _ = resources.list(kind)
             out.objects[kind.name] = len(items)
@@ -152,7 +152,7 @@ def cluster_handler(store: Store, resources: Resources, cluster_name: str,
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     def recommendations(_req) -> cluster_pb2.DrsRecommendations:
-        kv = store.get("drs/recommendations")
+        kv = store.get(keys.DRS_RECOMMENDATIONS)
         if kv is None:
             return cluster_pb2.DrsRecommendations(reasons=["no DRS round has run yet (is a scheduler "
                                                            "running, with --drs-mode manual or automatic?)"])

@@ -54,7 +54,7 @@ def vm_problems(store: Store, vm: compute_pb2.VM, old: compute_pb2.VM | None) ->
     keys += [K.KINDS["network"].spec_key(n) for _, n in networks]
     if s.node:
         keys += [node_kind.status_key(s.node), node_kind.spec_key(s.node),
-                 f"node/live/{s.node}/node-agent"]
+                 keys.live(s.node, "node-agent")]
     if not keys:
         return []
     got, _ = store.get_many(keys)
@@ -74,7 +74,7 @@ def vm_problems(store: Store, vm: compute_pb2.VM, old: compute_pb2.VM | None) ->
                     "spec.max_memory_mib",
                     f"{s.max_memory_mib} MiB is more than node {s.node!r} can give "
                     f"({have} MiB allocatable)"))
-    if moved and got[f"node/live/{s.node}/node-agent"] is None:
+    if moved and got[keys.live(s.node, "node-agent")] is None:
         out.append(FieldError("spec.node", f"cannot move to node {s.node!r}: it is not Ready"))
     for i, v in volumes:
         if got[K.KINDS["volume"].spec_key(v)] is None:

@@ -28,6 +28,7 @@ from typing import Callable, Collection, Iterable
 
 import grpc
 
+from braid import keys
 from braid import kinds as K
 from braid.store import AlreadyExists, Conflict, Guard, Store
 from braid.v1 import network_pb2
@@ -69,15 +70,15 @@ class Rejected(Exception):
 # -- keys --------------------------------------------------------------------------
 
 def ip_prefix(subnet: str) -> str:
-    return f"ipam/ip/{subnet}/"
+    return keys.ip_prefix(subnet)
 
 
 def ip_key(subnet: str, ip: str) -> str:
-    return f"ipam/ip/{subnet}/{ip}"
+    return keys.ip(subnet, ip)
 
 
 def mac_key(mac: str) -> str:
-    return f"ipam/mac/{mac}"
+    return keys.mac(mac)
 
 
 def port_keys(spec: network_pb2.PortSpec) -> list[str]:

@@ -47,10 +47,10 @@ def guard(cfg: dict) -> list:
     too often (per-client rate), and an audit record of every change and
     every refusal. Without TLS (tests, a laptop) every caller is an
     anonymous admin, said loudly in the log."""
-    from controller.audit import AuditLog
-    from controller.authz import Policy, TokenStore, pki_cert_identity
-    from controller.guard import ApiGuard, make_identify
-    from controller.ratelimit import RateLimiter, StreamLimiter
+    from braid.auth.audit import AuditLog
+    from braid.auth.authz import Policy, TokenStore, pki_cert_identity
+    from braid.auth.guard import ApiGuard, make_identify
+    from braid.auth.ratelimit import RateLimiter, StreamLimiter
     tls = tls_files(cfg)
     store = _shared["store"] = Store(cfg["etcd"], prefix=cfg["prefix"], tls=tls)
     tokens = _shared["tokens"] = TokenStore(store)
@@ -74,7 +74,7 @@ def body(d: Daemon):
     if cfg["token_listen"]:
         if d.tls is None:
             raise ConfigError("token_listen needs TLS (tls_cert, tls_key, tls_ca): tokens never travel in clear")
-        from braid.pki import reloading_grpc_server_credentials
+        from braid.auth.pki import reloading_grpc_server_credentials
         from braid.service import split_hostport
         host, port = split_hostport(cfg["token_listen"])
         if not d.server.add_secure_port(f"{host}:{port}", reloading_grpc_server_credentials(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+from braid import keys
 from braid import kinds as K
 from braid.reconcile import Controller, Result
 from braid.store import KV, AlreadyExists, Election, Informer, Store
@@ -65,8 +66,8 @@ class NetworkReconciler:
                                      list_keys=self._names)
         self.informer = Informer(store, "network/", self._on_change, name="networks")
         # where a network's ports are (status.nodes): ports and the VMs they belong to
-        self.ports = Informer(store, "port/spec/", self._on_port, name="networks-ports")
-        self.vms = Informer(store, "vm/spec/", self._on_port, name="networks-vms")
+        self.ports = Informer(store, keys.spec_prefix("port"), self._on_port, name="networks-ports")
+        self.vms = Informer(store, keys.spec_prefix("vm"), self._on_port, name="networks-vms")
 
     def _names(self):
         return sorted({k.split("/", 2)[2] for k in self.informer.keys() if k.count("/") == 2})
@@ -110,7 +111,7 @@ class NetworkReconciler:
         self.controller.stop()
 
     def _taken(self) -> dict[int, str]:
-        kvs, _ = self.store.list("ipam/vni/")
+        kvs, _ = self.store.list(keys.VNI)
         out = {}
         for kv in kvs:
             try:
@@ -130,7 +131,7 @@ class NetworkReconciler:
             released = False
             for vni, owner in taken.items():  # network deleted: release its VNIs
                 if owner == name:
-                    self.store.delete(f"ipam/vni/{vni}", guards=[guard])
+                    self.store.delete(keys.vni(vni), guards=[guard])
                     released = True
             if status_kv is not None:
                 self.store.delete(KIND.status_key(name), guards=[guard])
@@ -146,12 +147,12 @@ class NetworkReconciler:
         vni, error = choose_vni(net.spec.vni, net.status.vni, taken, name)
         if vni and taken.get(vni) != name:
             try:
-                self.store.create(f"ipam/vni/{vni}", name.encode(), guards=[guard])
+                self.store.create(keys.vni(vni), name.encode(), guards=[guard])
             except AlreadyExists:
                 return Result(requeue_after=0.05)  # lost a race: plan again
         for old, owner in taken.items():  # release VNIs no longer wanted
             if owner == name and old != vni:
-                self.store.delete(f"ipam/vni/{old}", guards=[guard])
+                self.store.delete(keys.vni(old), guards=[guard])
         status = network_pb2.NetworkStatus()
         status.CopyFrom(net.status)
         status.vni = vni

@@ -17,8 +17,8 @@ from typing import Iterator
 import grpc
 from google.protobuf.message import Message
 
+from braid import keys, validation
 from braid import kinds as K
-from braid import validation
 from braid.store import (
     KV,
     AlreadyExists,
@@ -172,7 +172,7 @@ class Resources:
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(errs[0]), list(errs))
 
     def _live(self, name: str) -> list[KV]:
-        kvs, _ = self.store.list(f"node/live/{name}/")
+        kvs, _ = self.store.list(keys.live_prefix(name))
         return kvs
 
     def _read(self, kind: K.Kind, name: str) -> Message | None:
@@ -187,7 +187,7 @@ class Resources:
             raise ApiError(grpc.StatusCode.DATA_LOSS, str(exc)) from None
 
     def _host_resources(self, vm: Message, old: Message | None) -> None:
-        from controller.authz import CURRENT, host_resource_problems
+        from braid.auth.authz import CURRENT, host_resource_problems
         ident = CURRENT.get()
         bad = host_resource_problems(ident, vm, old)
         if bad:
@@ -577,7 +577,7 @@ class Resources:
             got, _ = self.store.get_many(keys, revision=ev.revision - 1)
             st = state[name] = {"spec": got[keys[0]], "status": got[keys[1]], "live": {}}
             if kind.name == "node":
-                live, _ = self.store.list(f"node/live/{name}/", revision=ev.revision - 1)
+                live, _ = self.store.list(keys.live_prefix(name), revision=ev.revision - 1)
                 st["live"] = {kv.key: kv for kv in live}
         st = state.setdefault(name, {"spec": None, "status": None, "live": {}})
         existed = _exists(kind, st)

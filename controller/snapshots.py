@@ -40,6 +40,7 @@ import uuid
 import grpc
 
 from braid import extents as X
+from braid import keys
 from braid import kinds as K
 from braid.reconcile import Controller, Result
 from braid.store import KV, AlreadyExists, Conflict, Election, Informer, NotFound, Store
@@ -50,9 +51,6 @@ log = logging.getLogger("braid.controller.snapshots")
 
 SNAPSHOT = K.KINDS["snapshot"]
 VOLUME = K.KINDS["volume"]
-QUIESCE = "storage/quiesce/"
-QUIESCED = "storage/quiesced/"
-USAGE_PREFIX = "storage/usage/"
 ACK_TIMEOUT = 10.0     # seconds every live storage daemon has to hold a volume's writes
 HOLD_TIMEOUT = 30.0    # a daemon lifts a hold by itself after this
 MARGIN = 5.0           # the records must be rewritten this long before a daemon would give up
@@ -64,8 +62,8 @@ class HoldFailed(Exception):
 
 
 def _live_storaged(store: Store) -> set[str]:
-    kvs, _ = store.list("node/live/")
-    return {kv.key.split("/")[2] for kv in kvs if kv.key.count("/") == 3 and kv.key.endswith("/storaged")}
+    kvs, _ = store.list(keys.LIVE)
+    return {p[0] for kv in kvs if (p := keys.parse_live(kv.key)) and p[1] == "storaged"}
 
 
 @contextlib.contextmanager
@@ -77,13 +75,13 @@ def held(store: Store, volume: str, why: str, guards=(), ack_timeout: float = AC
     op = f"{why} {uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()
     try:
-        store.create(QUIESCE + volume, json.dumps({"op": op, "timeout": timeout}).encode(), guards=guards)
+        store.create(keys.quiesce(volume), json.dumps({"op": op, "timeout": timeout}).encode(), guards=guards)
     except AlreadyExists:
         raise HoldFailed(f"volume {volume} is held for another snapshot or revert; try again") from None
     try:
         missing: set[str] = set()
         while True:
-            acks, _ = store.list(f"{QUIESCED}{volume}/")
+            acks, _ = store.list(keys.quiesced_prefix(volume))
             done = {kv.key.rsplit("/", 1)[1] for kv in acks if kv.value.decode(errors="replace") == op}
             missing = _live_storaged(store) - done
             if not missing:
@@ -94,9 +92,9 @@ def held(store: Store, volume: str, why: str, guards=(), ack_timeout: float = AC
             time.sleep(0.005)
         yield t0 + timeout - MARGIN
     finally:
-        store.delete_prefix(f"{QUIESCED}{volume}/")
+        store.delete_prefix(keys.quiesced_prefix(volume))
         with contextlib.suppress(NotFound):
-            store.delete(QUIESCE + volume)
+            store.delete(keys.quiesce(volume))
 
 
 def _records(store: Store, name: str) -> dict[int, tuple[X.ExtentRecord, KV]]:
@@ -254,7 +252,7 @@ class SnapshotReconciler:
                                      list_keys=self._names)
         self.informers = [
             Informer(store, "snapshot/", self._on_snapshot, name="snapshots"),
-            Informer(store, USAGE_PREFIX, self._on_usage, name="snapshots-usage"),
+            Informer(store, keys.USAGE, self._on_usage, name="snapshots-usage"),
         ]
 
     def _names(self):
@@ -286,7 +284,7 @@ class SnapshotReconciler:
         for key in self.informers[1].keys():
             kv = self.informers[1].get(key)
             try:
-                out[key[len(USAGE_PREFIX):]] = {str(k): int(v) for k, v in json.loads(kv.value).items()}
+                out[key[len(keys.USAGE):]] = {str(k): int(v) for k, v in json.loads(kv.value).items()}
             except (ValueError, TypeError, AttributeError):
                 pass
         return out

@@ -25,6 +25,7 @@ import logging
 import time
 
 from braid import extents as X
+from braid import keys
 from braid import kinds as K
 from braid.reconcile import Controller, Result
 from braid.store import KV, AlreadyExists, Conflict, Election, Informer, NotFound, Store
@@ -34,7 +35,6 @@ log = logging.getLogger("braid.controller.volumes")
 
 KIND = K.KINDS["volume"]
 POOL = K.KINDS["diskpool"]
-USAGE_PREFIX = "storage/usage/"   # storage/usage/<node> -> {"<uid>/<index>": allocated bytes}
 
 
 def volume_status(vol: storage_pb2.Volume, records: dict[int, X.ExtentRecord],
@@ -112,7 +112,6 @@ def export_uris(volume: str, live: dict[str, node_pb2.DaemonStatus]) -> list[sto
     return out
 
 
-REBUILD_PREFIX = "storage/rebuild/"   # storage/rebuild/<node> -> {"<volume>/<index>": [done, total]}
 RACE = -1.0   # _repair: a record changed under it
 
 
@@ -128,11 +127,11 @@ class VolumeReconciler:
                                      list_keys=self._names)
         self.informers = [
             Informer(store, "volume/", self._on_volume, name="volumes"),
-            Informer(store, X.PREFIX, self._on_extent, name="extents"),
+            Informer(store, keys.EXTENT, self._on_extent, name="extents"),
             Informer(store, "diskpool/", self._on_other, name="volumes-pools"),
-            Informer(store, "node/live/", self._on_other, name="volumes-live"),
-            Informer(store, USAGE_PREFIX, self._on_other, name="volumes-usage"),
-            Informer(store, REBUILD_PREFIX, self._on_other, name="volumes-rebuilds"),
+            Informer(store, keys.LIVE, self._on_other, name="volumes-live"),
+            Informer(store, keys.USAGE, self._on_other, name="volumes-usage"),
+            Informer(store, keys.REBUILD, self._on_other, name="volumes-rebuilds"),
         ]
 
     def _names(self):
@@ -149,7 +148,7 @@ class VolumeReconciler:
             self.controller.enqueue(parsed[0])
 
     def _on_other(self, key: str, kv: KV | None) -> None:
-        if key.startswith("node/live/") and not key.endswith("/storaged"):
+        if key.startswith(keys.LIVE) and not key.endswith("/storaged"):
             return
         for name in self._names() + self._snapshot_groups():
             self.controller.enqueue(name)
@@ -176,13 +175,13 @@ class VolumeReconciler:
     def _live_storaged(self) -> dict[str, node_pb2.DaemonStatus]:
         out = {}
         for key in self.informers[3].keys():
-            parts = key.split("/")
-            if len(parts) == 4 and parts[3] == "storaged":
+            parsed = keys.parse_live(key)
+            if parsed and parsed[1] == "storaged":
                 kv = self.informers[3].get(key)
                 if kv is None:
                     continue
                 try:
-                    out[parts[2]] = K.from_json(kv.value, node_pb2.DaemonStatus, key)
+                    out[parsed[0]] = K.from_json(kv.value, node_pb2.DaemonStatus, key)
                 except K.CorruptObject as exc:
                     log.warning("ignoring %s", exc)
         return out
@@ -294,7 +293,7 @@ class VolumeReconciler:
             kv = self.informers[4].get(key)
             try:
                 data = json.loads(kv.value) if kv else {}
-                out[key[len(USAGE_PREFIX):]] = {str(k): int(v) for k, v in data.items()}
+                out[key[len(keys.USAGE):]] = {str(k): int(v) for k, v in data.items()}
             except (ValueError, TypeError, AttributeError):
                 log.warning("ignoring malformed %s", key)
         return out

@@ -19,8 +19,8 @@ import dataclasses
 import logging
 import socket
 
+from braid import keys, validation
 from braid import kinds as K
-from braid import validation
 from braid.nodedaemon import NODE_OPTIONS, node_daemon_body, node_name
 from braid.reconcile import Controller, Result
 from braid.service import ConfigError, Option, run_main
@@ -47,8 +47,7 @@ OPTIONS = NODE_OPTIONS + [
 KINDS = ("network", "subnet", "port", "router", "securitygroup")
 # net/vtep/<node> -> the node's tunnel IP; not bound to the daemon's lease, so
 # a netd restarting (or down) does not cut the other nodes' traffic to its VMs
-VTEP_PREFIX = "net/vtep/"
-RELEVANT = tuple(f"{k}/" for k in KINDS) + ("vm/spec/", VTEP_PREFIX)
+RELEVANT = tuple(f"{k}/" for k in KINDS) + (keys.spec_prefix("vm"), keys.VTEP)
 
 
 def default_tunnel_ip() -> str:
@@ -66,14 +65,15 @@ def snapshot(kvs: list[KV]) -> tuple[M.Snapshot, list[str]]:
     snap, bad = M.Snapshot(), []
     parts: dict[tuple[str, str], dict[str, KV]] = {}
     for kv in kvs:
-        bits = kv.key.split("/")
-        if len(bits) == 3 and bits[0] in KINDS + ("vm",) and bits[1] in ("spec", "status"):
-            parts.setdefault((bits[0], bits[2]), {})[bits[1]] = kv
-        elif len(bits) == 3 and kv.key.startswith(VTEP_PREFIX):
+        obj = keys.parse_object(kv.key)
+        node = keys.node_of(keys.VTEP, kv.key)
+        if obj and obj[0] in KINDS + ("vm",):
+            parts.setdefault((obj[0], obj[2]), {})[obj[1]] = kv
+        elif node:
             addr = bytes(kv.value).decode(errors="replace")
             try:
                 socket.inet_aton(addr)
-                snap.tunnels[bits[2]] = addr
+                snap.tunnels[node] = addr
             except OSError:
                 bad.append(f"{kv.key}: {addr[:40]!r} is not an IPv4 address")
     targets = {"network": snap.networks, "subnet": snap.subnets, "port": snap.ports,
@@ -135,9 +135,9 @@ class NetDaemon:
                                      resync_period=d.cfg["resync_interval"],
                                      list_keys=lambda: ["node"])
         if self.enabled:
-            vtep = store.get(VTEP_PREFIX + self.node)
+            vtep = store.get(keys.vtep(self.node))
             if vtep is None or bytes(vtep.value).decode(errors="replace") != self.tunnel_ip:
-                store.put(VTEP_PREFIX + self.node, self.tunnel_ip.encode())
+                store.put(keys.vtep(self.node), self.tunnel_ip.encode())
         self.informer = Informer(store, "", self._on_change, name="netd")
         self.informer.start()
         self.informer.synced.wait(30)

@@ -21,42 +21,24 @@ gateway, never back: so routers never ARP).
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 
+from braid.naming import (  # noqa: F401
+    IFNAMSIZ,
+    ROUTER_NS_PREFIX,
+    bridge_name,
+    gateway_mac,
+    leg_names,
+    router_netns,
+    short_hash,
+    tap_name,
+    vxlan_name,
+)
 from braid.v1 import compute_pb2, network_pb2
-from node_agent.domain_xml import IFNAMSIZ, bridge_name, tap_name
 
 DEFAULT_MTU = 1450
 OWNER = "braid:"                 # prefix of the ifalias of every link we own
-ROUTER_NS_PREFIX = "braid-r-"
-
-
-def _hash(*parts: str, n: int = 8) -> str:
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:n]
-
-
-def vxlan_name(vni: int) -> str:
-    return f"vx-{vni}"
-
-
-def router_netns(router: str) -> str:
-    return ROUTER_NS_PREFIX + router
-
-
-def gateway_mac(router: str) -> str:
-    """The anycast gateway MAC of a router: the same on every node,
-    locally administered (0e: never a port MAC, those are 02:62:...)."""
-    h = _hash("gateway-mac", router, n=10)
-    return "0e:" + ":".join(h[i:i + 2] for i in range(0, 10, 2))
-
-
-def leg_names(router: str, network: str) -> tuple[str, str]:
-    """(outer leg in the node's namespace, enslaved to the bridge; inner leg
-    in the router's namespace)."""
-    h = _hash("leg", router, network)
-    return f"rl-{h}", f"rg-{h}"
 
 
 def port_tap(port: network_pb2.Port) -> str:
@@ -65,7 +47,7 @@ def port_tap(port: network_pb2.Port) -> str:
     s = port.spec
     if s.vm:
         return tap_name(s.vm, s.nic or "eth0")
-    name = f"bp-{_hash('port', port.metadata.name)}"
+    name = f"bp-{short_hash('port', port.metadata.name)}"
     assert len(name) <= IFNAMSIZ
     return name
 

@@ -8,7 +8,6 @@ maximum until its balloon driver runs: placement must count it); ``current`` of
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 import re
 import unicodedata
@@ -17,17 +16,22 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Callable
 
+from braid.naming import (  # noqa: F401  (re-exported for the node agent)
+    IFNAMSIZ,
+    XMLNS,
+    bridge_name,
+    domain_name,
+    parse_braid_metadata,
+    tap_name,
+)
 from braid.v1 import compute_pb2
 from braid.validation import NAME_RE
 
-XMLNS = "https://braid.dev/xmlns/vm/1"
-IFNAMSIZ = 15  # usable characters of a Linux interface name
 DISK_BUSES = ("virtio", "scsi", "sata")
 NIC_MODELS = ("virtio", "e1000")
 DEVICE_RE = re.compile(r"^(vd|sd|hd)[a-z]{1,2}$")
 CPU_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$", re.IGNORECASE)
-_READABLE_NIC = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,37 +55,6 @@ class HostContext:  # what the XML needs to know about the node it will run on
     def console_log(self, vm_name: str) -> str:
         """Where the serial console of a VM is logged on this host."""
         return posixpath.join(self.console_log_dir, f"{vm_name}.log")
-
-
-def domain_name(vm_name: str) -> str:
-    if not vm_name or not NAME_RE.match(vm_name):
-        raise ValueError(f"metadata.name: not a valid VM name: {vm_name!r}")
-    return f"braid-{vm_name}"
-
-
-def _short_hash(*parts: str) -> str:
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
-
-
-def bridge_name(network: str) -> str:
-    """``br-<network>`` when it fits in IFNAMSIZ, else ``br-<3 chars>_<hash>``
-    (network names never contain '_': the two forms cannot collide)."""
-    if not network or not NAME_RE.match(network):
-        raise ValueError(f"network: not a valid network name: {network!r}")
-    name = f"br-{network}"
-    return name if len(name) <= IFNAMSIZ else f"br-{network[:3]}_{_short_hash('bridge', network)}"
-
-
-def tap_name(vm: str, nic: str) -> str:
-    """``bt-<vm>_<nic>`` when it fits, else ``bt-<3 chars of vm>-<hash>``. Only
-    the short form contains '_' (VM names cannot), so the forms are disjoint."""
-    domain_name(vm)
-    if not nic:
-        raise ValueError("nic.name: required (it names the tap device)")
-    name = f"bt-{vm}_{nic}"
-    if len(name) <= IFNAMSIZ and _READABLE_NIC.match(nic):
-        return name
-    return f"bt-{vm[:3]}-{_short_hash('tap', vm, nic)}"
 
 
 def _text(value: str, field: str) -> str:  # must survive the XML round trip
@@ -277,25 +250,6 @@ def build_domain(vm: compute_pb2.VM, ctx: HostContext) -> str:
     _sub(dev, "memballoon", model="virtio")
     _sub(_sub(dev, "rng", model="virtio"), "backend", "/dev/urandom", model="random")
     return _serialize(dom)
-
-
-def parse_braid_metadata(xml: str) -> dict:
-    """Braid's ``<metadata>``: {"name", "uid", "generation", "node"}, or {}. Takes a whole
-    domain (dumpxml), the ``<braid:vm>`` element, or what ``dom.metadata(ELEMENT, XMLNS)``
-    returns (that element with its namespace stripped by libvirt)."""
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as exc:
-        raise ValueError(f"xml: not well-formed: {exc}") from None
-    tag = f"{{{XMLNS}}}vm"
-    el = root if root.tag in (tag, "vm") else root.find(f"metadata/{tag}")
-    if el is None:
-        return {}
-    generation = el.get("generation") or "0"
-    if not re.fullmatch(r"-?[0-9]+", generation):
-        raise ValueError(f"generation: not an integer: {generation!r}")
-    return {"name": el.get("name", ""), "uid": el.get("uid", ""), "generation": int(generation),
-            "node": el.get("node", "")}
 
 
 def retarget(xml: str, owner: str, src_node: str, dst_node: str) -> str:

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 
-from braid import hostinfo
+from braid import hostinfo, keys
 from braid.kinds import to_json
 from braid.nodedaemon import NODE_OPTIONS, node_daemon_body, node_name
 from braid.reconcile import Controller
@@ -116,7 +116,7 @@ class Agent:
                                      resync_period=30.0, list_keys=self.vm_names)
         status = node_status(cfg, kind)
         # the status record outlives the lease: a dead node still shows, NotReady
-        store.put(f"node/status/{self.node}", to_json(status))
+        store.put(keys.status("node", self.node), to_json(status))
         self.controller.start()
         informer.start()
         log.info("node %s registered: %d cpus, %d MiB, hypervisor %s", self.node,
@@ -181,7 +181,7 @@ class Agent:
             if new != status:
                 status.CopyFrom(new)
                 try:
-                    store.put(f"node/status/{self.node}", to_json(status))
+                    store.put(keys.status("node", self.node), to_json(status))
                 except StoreError as exc:
                     log.warning("reporting usage: %s", exc)
 
@@ -208,8 +208,8 @@ def guard(cfg: dict) -> list:
     from braid.service import tls_files
     if tls_files(cfg) is None:
         return []
-    from controller.authz import Policy, pki_cert_identity
-    from controller.guard import ApiGuard, make_identify
+    from braid.auth.authz import Policy, pki_cert_identity
+    from braid.auth.guard import ApiGuard, make_identify
     return [ApiGuard(make_identify(None, pki_cert_identity), Policy())]
 
 

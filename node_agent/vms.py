@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from braid import extents
+from braid import extents, keys
 from braid import kinds as K
 from braid.reconcile import Result
 from braid.store import AlreadyExists, Conflict, Guard, NotFound, Store
@@ -171,7 +171,7 @@ class VMReconciler:
             target = self._migration_target(vm.spec.node)
         held_by = ""
         if vm is not None and vm.status.node not in ("", self.node) and self.store.get(
-                f"node/live/{vm.status.node}/node-agent") is not None:
+                keys.live(vm.status.node, "node-agent")) is not None:
             held_by = vm.status.node
         p = plan(vm, self.node, dom, self._shutdown_since.get(name), time.monotonic(),
                  self.shutdown_timeout, self.fenced, can_migrate=target is not None,
@@ -274,7 +274,7 @@ class VMReconciler:
 
     def _migration_target(self, node: str) -> node_pb2.DaemonStatus | None:
         """The target's node agent, if it is alive and takes migrations."""
-        kv = self.store.get(f"node/live/{node}/node-agent")
+        kv = self.store.get(keys.live(node, "node-agent"))
         if kv is None:
             return None
         try:

@@ -25,6 +25,7 @@ import threading
 import time
 
 from braid import extents as X
+from braid import keys
 from braid import kinds as K
 from braid.reconcile import Controller, Result
 from braid.store import KV, Conflict, Election, GuardFailed, Informer, Store
@@ -60,7 +61,7 @@ class Binder:
         self.failovers = 0
         self.controller = Controller("scheduler", self.reconcile, workers=1, resync_period=30.0,
                                      list_keys=self._keys)
-        self.vm_informer = Informer(store, "vm/spec/", self._on_vm, name="scheduler-vms")
+        self.vm_informer = Informer(store, keys.spec_prefix("vm"), self._on_vm, name="scheduler-vms")
         self.node_informer = Informer(store, "node/", self._on_node, name="scheduler-nodes")
 
     # -- cache --------------------------------------------------------------------
@@ -103,9 +104,9 @@ class Binder:
             self.controller.enqueue(f"vm:{name}")
 
     def _on_node(self, key: str, kv: KV | None) -> None:
-        parts = key.split("/")
-        if len(parts) == 4 and parts[1] == "live":
-            node, daemon = parts[2], parts[3]
+        parsed = keys.parse_live(key)
+        if parsed:
+            node, daemon = parsed
             with self._lock:
                 daemons = self.live.setdefault(node, set())
                 was_ready = "node-agent" in daemons
@@ -118,11 +119,12 @@ class Binder:
             elif now_ready and not was_ready:
                 self._wake_pending()
             return
-        if len(parts) != 3 or parts[1] not in ("spec", "status"):
+        obj = keys.parse_object(key)
+        if obj is None:
             return
-        node = parts[2]
+        node = obj[2]
         try:
-            if parts[1] == "spec":
+            if obj[1] == "spec":
                 spec = K.from_json(kv.value, NODE.message, key).spec if kv else None
                 with self._lock:
                     n = self._node(node)

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 
+from braid import keys
 from braid import kinds as K
 from braid.store import GuardFailed, StoreError
 from braid.v1 import cluster_pb2
@@ -28,7 +29,7 @@ from scheduler.plan import NodeInfo
 
 log = logging.getLogger("braid.scheduler.drs")
 
-KEY = "drs/recommendations"
+KEY = keys.DRS_RECOMMENDATIONS
 MODES = ("off", "manual", "automatic")
 
 

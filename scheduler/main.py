@@ -17,6 +17,7 @@ import threading
 
 from prometheus_client import Gauge
 
+from braid import keys
 from braid.service import ConfigError, Daemon, Option, run_main
 from braid.store import Election, GuardFailed, Store, StoreError
 from scheduler.binder import Binder
@@ -82,7 +83,7 @@ def body(d: Daemon):
                 continue
             try:
                 guard = election.guard()
-                store.put("scheduler/status/leader", json.dumps({
+                store.put(keys.SCHEDULER_LEADER, json.dumps({
                     "leader": candidate, "token": guard.create_revision,
                     "at": dt.datetime.now(dt.timezone.utc).isoformat(),
                 }).encode(), guards=[guard])

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Generate braid/v1/*_pb2*.py from proto/braid/v1/*.proto with the pinned
+# Generate braid/v1/*_pb2.py(i) (messages only: the server registers generic
+# handlers and the client calls methods by name, so no *_pb2_grpc stubs) from proto/braid/v1/*.proto with the pinned
 # grpcio-tools of the virtualenv. `--check` regenerates into a temp dir and
 # fails when the committed code differs.
 set -euo pipefail
@@ -8,8 +9,7 @@ PY=${PY:-.venv/bin/python}
 gen() {
   local out=$1
   mkdir -p "$out"
-  "$PY" -m grpc_tools.protoc -Iproto --python_out="$out" --pyi_out="$out" \
-    --grpc_python_out="$out" proto/braid/v1/*.proto
+  "$PY" -m grpc_tools.protoc -Iproto --python_out="$out" --pyi_out="$out" proto/braid/v1/*.proto
 }
 if [[ "${1:-}" == "--check" ]]; then
   tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT

@@ -111,7 +111,7 @@ class StorageNode:
         """``etcd_get(volume, index)`` -> (record or None, mod_revision) read
         from etcd now; ``etcd_cas(old, new)`` writes ``new`` if the record is
         still ``old`` (True) — both blocking, run in threads. ``tls``
-        (``braid.pki.TlsFiles``): replication over mutual TLS, only with
+        (``braid.auth.pki.TlsFiles``): replication over mutual TLS, only with
         storage daemons of the cluster (their certificates say so)."""
         self.node = node
         self.disks = disks
@@ -123,7 +123,7 @@ class StorageNode:
         self.tls = tls
         self._ssl_server = self._ssl_client = None
         if tls is not None:
-            from braid.pki import ReloadingSSLContext
+            from braid.auth.pki import ReloadingSSLContext
             self._ssl_server = ReloadingSSLContext(tls, server=True)
             self._ssl_client = ReloadingSSLContext(tls, server=False)
         self.peers: dict[str, P.PeerClient] = {}
@@ -779,7 +779,7 @@ class Intervals:
 def _storage_peer_only(transport) -> str:
     """Replication takes only storage daemons of the cluster (the TLS layer
     has verified the certificate; here: whose it is)."""
-    from braid.pki import identity_from_ssl
+    from braid.auth.pki import identity_from_ssl
     who = identity_from_ssl(transport)
     if who is None or who.kind != "service" or who.service != "storaged":
         return f"{who or 'no Braid certificate'} is not a storage daemon"

@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 from braid import extents as X
+from braid import keys
 from braid import kinds as K
 from braid.nodedaemon import NODE_OPTIONS, node_daemon_body, node_name
 from braid.service import ConfigError, Option, run_main
@@ -39,7 +40,6 @@ log = logging.getLogger("braid.storaged")
 
 POOL = K.KINDS["diskpool"]
 VOLUME = K.KINDS["volume"]
-USAGE_PREFIX = "storage/usage/"
 
 NBD_TCP_DEFAULT = "127.0.0.1:10809"
 
@@ -61,12 +61,9 @@ OPTIONS = NODE_OPTIONS + [
     Option("resync_margin", 60.0, "seconds this daemon must have run before a replica's drop to tell "
            "what changed since (a returning copy then resyncs only that)", float),
 ]
-REBUILD_PREFIX = "storage/rebuild/"   # storage/rebuild/<node> -> {"<volume>/<index>": [done, total]}
 # snapshots: the controller asks every storage daemon to hold the writes of a volume
 # (storage/quiesce/<volume> -> {"op", "timeout"}); each answers once nothing is in flight
 # (storage/quiesced/<volume>/<node> -> op) and goes on when the key is deleted
-QUIESCE_PREFIX = "storage/quiesce/"
-QUIESCED_PREFIX = "storage/quiesced/"
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -171,7 +168,7 @@ class StorageDaemon:
         if nbd_listen:
             host, port = _hostport(nbd_listen, "nbd_listen")
             if d.tls is not None:   # NBD_OPT_STARTTLS required, with a client certificate of the cluster
-                from braid.pki import ReloadingSSLContext
+                from braid.auth.pki import ReloadingSSLContext
                 self.nbd.tls = ReloadingSSLContext(d.tls, server=True).server_context()
                 self.nbd.tls_admit = _cluster_peer
             srv = self._call(self.nbd.serve_tcp(host, port))
@@ -198,7 +195,7 @@ class StorageDaemon:
     # -- etcd access for the data path (worker threads) ---------------------------
 
     def _etcd_get(self, volume: str, index: int):
-        kv = self.store.get(X.extent_key(volume, index))
+        kv = self.store.get(keys.extent(volume, index))
         if kv is None:
             return None, 0
         try:
@@ -257,7 +254,7 @@ class StorageDaemon:
     # -- informers (threads) -> loop ------------------------------------------------
 
     def _on_extent(self, key: str, kv) -> None:
-        parsed = X.parse_key(key)
+        parsed = keys.parse_extent(key)
         if parsed is None:
             return
         if kv is None:
@@ -313,7 +310,7 @@ class StorageDaemon:
     # -- holding writes for snapshots -------------------------------------------------
 
     def _on_quiesce(self, key: str, kv) -> None:
-        volume = key[len(QUIESCE_PREFIX):]
+        volume = key[len(keys.QUIESCE):]
         if not volume or "/" in volume:
             return
         if kv is None:
@@ -335,7 +332,7 @@ class StorageDaemon:
         try:
             if eng is not None:
                 await eng.hold(timeout=min(10.0, timeout))
-            await asyncio.to_thread(self.store.put, f"{QUIESCED_PREFIX}{volume}/{self.node}", op.encode())
+            await asyncio.to_thread(self.store.put, keys.quiesced(volume, self.node), op.encode())
         except Exception as exc:  # noqa: BLE001 - no answer: the snapshot fails, writes go on
             log.error("volume %s: cannot hold writes for %s: %s", volume, op, exc)
             await self._release(volume)
@@ -383,14 +380,14 @@ class StorageDaemon:
                         log.warning("full clone %s extent %d: %s", eng.info.name, rec.index, exc)
 
     def _on_live(self, key: str, kv) -> None:
-        parts = key.split("/")
-        if len(parts) != 4 or parts[3] != "storaged":
+        parsed = keys.parse_live(key)
+        if not parsed or parsed[1] != "storaged":
             return
         if kv is None:
-            self.live.pop(parts[2], None)
+            self.live.pop(parsed[0], None)
             return
         try:
-            self.live[parts[2]] = K.from_json(kv.value, node_pb2.DaemonStatus, key)
+            self.live[parsed[0]] = K.from_json(kv.value, node_pb2.DaemonStatus, key)
         except K.CorruptObject as exc:
             log.warning("ignoring %s", exc)
 
@@ -400,13 +397,13 @@ class StorageDaemon:
         self.cfg_group = d.cfg["nbd_socket_group"]
         self.interval = d.cfg["report_interval"]
         self._ensure_pool()
-        self.informers = [Informer(store, "node/live/", self._on_live, name="storaged-live").start(),
-                          Informer(store, X.PREFIX, self._on_extent, name="storaged-extents").start()]
+        self.informers = [Informer(store, keys.LIVE, self._on_live, name="storaged-live").start(),
+                          Informer(store, keys.EXTENT, self._on_extent, name="storaged-extents").start()]
         for inf in self.informers:
             inf.synced.wait(30)
-        self.informers.append(Informer(store, "volume/spec/", self._on_volume,
+        self.informers.append(Informer(store, keys.spec_prefix("volume"), self._on_volume,
                                        name="storaged-volumes").start())
-        self.informers.append(Informer(store, QUIESCE_PREFIX, self._on_quiesce,
+        self.informers.append(Informer(store, keys.QUIESCE, self._on_quiesce,
                                        name="storaged-quiesce").start())
         self._materializer = asyncio.run_coroutine_threadsafe(self._materialize_forever(), self.loop)
         if self.scrub_on:
@@ -473,9 +470,9 @@ class StorageDaemon:
         progress = {f"{v}/{i}": list(p) for (v, i), p in list(self.rebuilder.progress.items())}
         if progress != last:
             if progress:
-                self.store.put(REBUILD_PREFIX + self.node, json.dumps(progress, sort_keys=True).encode())
+                self.store.put(keys.rebuild(self.node), json.dumps(progress, sort_keys=True).encode())
             elif last:
-                self.store.delete(REBUILD_PREFIX + self.node)
+                self.store.delete(keys.rebuild(self.node))
         return progress
 
     def _report_loop(self) -> None:
@@ -503,7 +500,7 @@ class StorageDaemon:
                     self.store.put(POOL.status_key(self.node), K.to_json(status))
                     last_status = status
                 if usage != last_usage:
-                    self.store.put(USAGE_PREFIX + self.node, json.dumps(usage, sort_keys=True).encode())
+                    self.store.put(keys.usage(self.node), json.dumps(usage, sort_keys=True).encode())
                     last_usage = usage
                 last_rebuild = self._report_rebuilds(last_rebuild)
             except StoreError as exc:
@@ -536,7 +533,7 @@ class StorageDaemon:
                     if (m.volume, m.index) not in mine]
         if not suspects:
             return
-        kvs, _ = self.store.list(X.PREFIX)
+        kvs, _ = self.store.list(keys.EXTENT)
         records, bases = {}, set()
         for kv in kvs:
             try:
@@ -620,7 +617,7 @@ class StorageDaemon:
 def _cluster_peer(transport) -> str:
     """NBD over TCP takes any certificate of the cluster's CA (TLS verified
     it; here: that it is a Braid identity)."""
-    from braid.pki import identity_from_ssl
+    from braid.auth.pki import identity_from_ssl
     return "" if identity_from_ssl(transport) is not None else "no Braid certificate"
 
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from braid.localetcd import EtcdProcess  # noqa: E402
+from braid.dev.localetcd import EtcdProcess  # noqa: E402
 from braid.store import Store  # noqa: E402
 
 _prefixes = itertools.count()

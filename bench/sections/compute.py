@@ -56,8 +56,8 @@ from bench.framework import Metric, SectionContext
 from braid.cli.manifests import load
 from braid.cli.vm import agent_address
 from braid.client import ApiCallError, Client
-from braid.devguest import READY_LINE, build_guest, default_guest_dir, guest_cmdline
-from braid.localcluster import LocalCluster
+from braid.dev.devguest import READY_LINE, build_guest, default_guest_dir, guest_cmdline
+from braid.dev.localcluster import LocalCluster
 from braid.store import Store
 from braid.v1 import agent_pb2, compute_pb2, meta_pb2
 
@@ -155,7 +155,7 @@ class _ConsoleWaiter:
 
 class _Libvirt:
     """The bench's own qemu:///system connection, re-opened when libvirtd restarts
-    (braid.libvirtd may restart it; domains survive that)."""
+    (braid.dev.libvirtd may restart it; domains survive that)."""
 
     def __init__(self, uri: str = "qemu:///system"):
         self.uri = uri
@@ -516,7 +516,7 @@ def _agent_channel(address: str, cluster: LocalCluster) -> grpc.Channel:
     tls = cluster.user_tls()
     if tls is None:
         return grpc.insecure_channel(address)
-    from braid.pki import grpc_channel_credentials
+    from braid.auth.pki import grpc_channel_credentials
     return grpc.secure_channel(address, grpc_channel_credentials(tls))
 
 

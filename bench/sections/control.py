@@ -34,10 +34,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.framework import Metric, SectionContext
+from braid import keys
 from braid import kinds as K
 from braid.cli.manifests import load
 from braid.client import Client
-from braid.localetcd import EtcdProcess
+from braid.dev.localetcd import EtcdProcess
 from braid.store import Store
 from braid.v1 import meta_pb2
 
@@ -354,7 +355,7 @@ def run(ctx: SectionContext) -> list[Metric]:
         for threads in thread_counts:
             vms = _vms(template, f"tp{threads}", n_creates)
             api_s = _timed_parallel(threads, vms, lambda: _ApiCreator(ctrl.address))
-            got, _ = admin.list(f"vm/spec/tp{threads}-")
+            got, _ = admin.list(keys.spec("vm", f"tp{threads}-"))
             if len(got) != n_creates:
                 raise AssertionError(f"expected {n_creates} stored VMs, found {len(got)}")
             kvs = [(f"tp{threads}/{kv.key.rsplit('/', 1)[-1]}", kv.value) for kv in got]

@@ -39,9 +39,9 @@ TTL = 5  # the daemons' default --lease-ttl
 
 
 def run(ctx: SectionContext) -> list[Metric]:
-    from braid import devguest
     from braid.client import Client
-    from braid.localetcd import EtcdProcess
+    from braid.dev import devguest
+    from braid.dev.localetcd import EtcdProcess
     from tests.conftest import DaemonProc
     from tests.conftest import wait as _wait
     from tests.integration.libvirt_pair import CONSOLE_DIR, domain_states, missing_requirements, pair

@@ -43,6 +43,7 @@ import sys
 import time
 
 from bench.framework import Metric, SectionContext
+from braid import keys
 
 MTU = 1450           # the networks' default (1500 underlay - 50 VXLAN)
 IPERF_PORT = 5201
@@ -77,7 +78,7 @@ def run(ctx: SectionContext) -> list[Metric]:
         ctl = cleanup.enter_context(running_controller(etcd, ctx.tmp_dir, "bench-net"))
         cleanup.callback(stop_all)
         api, store, nodes = ctl.api, ctl.store, lab.nodes
-        keys = [f"node/live/{n.name}/netd" for n in nodes]
+        keys = [keys.live(n.name, "netd") for n in nodes]
 
         def netd(i: int, wrap: list[str] = ()):
             n = nodes[i]

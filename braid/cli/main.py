@@ -27,7 +27,7 @@ from braid.cli import manifests, output
 from braid.cli import pki as pki_cli
 from braid.cli import vm as vm_cli
 from braid.client import ApiCallError, Client
-from braid.localcluster import ClusterError, LocalCluster, default_data_dir
+from braid.dev.localcluster import ClusterError, LocalCluster, default_data_dir
 from braid.v1 import compute_pb2, meta_pb2
 
 EXIT_CODES = {
@@ -74,7 +74,7 @@ def credentials(args) -> dict:
     ``--cert/--key/--ca`` (env BRAID_CERT, BRAID_KEY, BRAID_CA): a client certificate;
     ``--token`` (env BRAID_TOKEN) with ``--ca``: a bearer token (the controller's token port);
     else, for the local cluster, its ``--user`` (default admin) certificate in <data-dir>/pki."""
-    from braid.pki import TlsFiles
+    from braid.auth.pki import TlsFiles
     pick = lambda flag, env: getattr(args, flag, None) or os.environ.get(env, "")  # noqa: E731
     cert, key, ca, token = (pick("cert", "BRAID_CERT"), pick("key", "BRAID_KEY"), pick("ca", "BRAID_CA"),
                             pick("token", "BRAID_TOKEN"))
@@ -629,7 +629,7 @@ def cmd_cluster_status(args) -> int:
 def cmd_dev_guest(args) -> int:
     from pathlib import Path
 
-    from braid import devguest
+    from braid.dev import devguest
     out = Path(args.out) if args.out else devguest.default_guest_dir()
     try:
         paths = devguest.build_guest(out, force=args.force, progress=lambda s: print(f"  {s}", flush=True))

@@ -1,4 +1,4 @@
-"""``braid pki ...``: the cluster CA, service and user certificates (braid.pki).
+"""``braid pki ...``: the cluster CA, service and user certificates (braid.auth.pki).
 
 Works on a PKI directory (``--dir``, else ``$BRAID_PKI_DIR``, else
 ``/etc/braid/pki``) on the machine that holds the CA key; it does not talk
@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from braid import pki
+from braid.auth import pki
 
 
 def _err(msg: str) -> None:

@@ -70,7 +70,7 @@ def agent_address(c: Client, vm_name: str) -> str:
 def stream_console(address: str, vm: str, follow: bool, tail: int, out=None, tls=None) -> None:
     out = out or sys.stdout.buffer
     if tls is not None:
-        from braid.pki import grpc_channel_credentials
+        from braid.auth.pki import grpc_channel_credentials
         channel = grpc.secure_channel(address, grpc_channel_credentials(tls))
     else:
         channel = grpc.insecure_channel(address)

@@ -14,6 +14,7 @@ import logging
 import threading
 from typing import Callable
 
+from braid import keys
 from braid.store.etcd import AlreadyExists, Guard, Store, StoreError
 from braid.store.lease import Lease
 
@@ -32,7 +33,7 @@ class Election:
         poll_interval: float | None = None,
     ):
         self.store = store
-        self.key = f"election/{name}"
+        self.key = keys.election(name)
         self.name = name
         self.candidate = candidate
         self.ttl = ttl

@@ -143,7 +143,7 @@ class Store:
         retry_budget: float = 10.0,
         tls=None,
     ):
-        """``tls``: a ``braid.pki.TlsFiles`` to reach etcd over TLS with a client
+        """``tls``: a ``braid.auth.pki.TlsFiles`` to reach etcd over TLS with a client
         certificate (etcd then knows the caller by the certificate's name)."""
         if not prefix.endswith("/"):
             prefix += "/"
@@ -152,7 +152,7 @@ class Store:
         self.retry_budget = retry_budget
         creds = None
         if tls is not None:
-            from braid.pki import grpc_channel_credentials
+            from braid.auth.pki import grpc_channel_credentials
             creds = grpc_channel_credentials(tls)
         eps = [
             etcd3.Endpoint(h, p, secure=creds is not None, creds=creds, time_retry=0.5)

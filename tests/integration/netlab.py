@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from braid.localetcd import EtcdProcess
+from braid.dev.localetcd import EtcdProcess
 
 PREFIX = "braid-t-net-"
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from braid import devguest
 from braid.cli.manifests import load
 from braid.client import ApiCallError, Client
-from braid.libvirtd import ensure_libvirtd, system_libvirtd_pid
-from braid.localcluster import LocalCluster
+from braid.dev import devguest
+from braid.dev.libvirtd import ensure_libvirtd, system_libvirtd_pid
+from braid.dev.localcluster import LocalCluster
 from braid.v1 import compute_pb2
 from tests.conftest import wait
 

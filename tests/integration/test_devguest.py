@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from braid import devguest
+from braid.dev import devguest
 
 pytestmark = pytest.mark.integration
 

@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from braid import devguest
 from braid import extents as X
 from braid.cli.manifests import load
+from braid.dev import devguest
 from storage_daemon import peer as P
 from tests.conftest import ROOT, DaemonProc, wait
 from tests.integration.libvirt_pair import CONSOLE_DIR, libvirt_pair  # noqa: F401

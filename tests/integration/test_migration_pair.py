@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from braid import devguest
 from braid.cli.manifests import load
+from braid.dev import devguest
 from node_agent.domain_xml import HostContext, build_domain, domain_name
 from tests.integration.libvirt_pair import libvirt_pair  # noqa: F401 (the fixture)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from braid import pki
+from braid.auth import pki
 from storage_daemon.main import _cluster_peer
 from tests.nbd_memexport import MemExport
 from tests.nbd_rawclient import ServerThread

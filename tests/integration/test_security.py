@@ -30,7 +30,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from braid import pki
+from braid.auth import pki
 from braid.client import ApiCallError, Client
 from tests.conftest import wait
 

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from braid import devguest
 from braid.cli import vm as vm_cli
 from braid.cli.manifests import load
 from braid.client import ApiCallError
+from braid.dev import devguest
 from tests.conftest import ROOT, DaemonProc, wait
 from tests.integration.libvirt_pair import CONSOLE_DIR, libvirt_pair  # noqa: F401
 from tests.integration.libvirt_pair import domain_states as names

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from braid import devguest
 from braid.cli.main import wait_network_applied
 from braid.cli.manifests import load
+from braid.dev import devguest
 from braid.v1 import meta_pb2, network_pb2
 from tests.conftest import ROOT, DaemonProc, running_controller, wait
 from tests.integration.libvirt_pair import CONSOLE_DIR, libvirt_pair  # noqa: F401

@@ -18,11 +18,8 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from braid import kinds as K
-from braid.clock import FakeClock
-from braid.store import Unavailable
-from braid.v1 import agent_pb2, cluster_pb2, compute_pb2, meta_pb2, network_pb2, node_pb2, storage_pb2
-from controller.audit import AUDIT_PREFIX, AuditEvent, AuditLog, redact
-from controller.authz import (
+from braid.auth.audit import AUDIT_PREFIX, AuditEvent, AuditLog, redact
+from braid.auth.authz import (
     METHODS,
     ROLES,
     TOKENS_PREFIX,
@@ -33,8 +30,11 @@ from controller.authz import (
     pki_cert_identity,
     token_digest,
 )
-from controller.guard import ApiGuard, identify_from_context, make_identify, peer_host
-from controller.ratelimit import RateLimiter, StreamLimiter
+from braid.auth.guard import ApiGuard, identify_from_context, make_identify, peer_host
+from braid.auth.ratelimit import RateLimiter, StreamLimiter
+from braid.clock import FakeClock
+from braid.store import Unavailable
+from braid.v1 import agent_pb2, cluster_pb2, compute_pb2, meta_pb2, network_pb2, node_pb2, storage_pb2
 
 ALICE = Identity("alice", "user", "admin")
 OPAL = Identity("opal", "user", "operator")

@@ -14,6 +14,7 @@ import pytest
 
 from braid.v1 import compute_pb2 as C
 from braid.v1 import meta_pb2
+from braid import naming
 from node_agent import domain_xml as D
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -196,7 +197,7 @@ def test_bridge_names():
     assert D.bridge_name("abcdefghijkl") == "br-abcdefghijkl"          # exactly 15
     long = D.bridge_name("abcdefghijklm")
     assert len(long) == 15 and long.startswith("br-abc_") and long == D.bridge_name("abcdefghijklm")
-    assert long == "br-abc_" + D._short_hash("bridge", "abcdefghijklm")
+    assert long == "br-abc_" + naming.short_hash("bridge", "abcdefghijklm")
     names = {D.bridge_name(f"network-number-{i}") for i in range(2000)}
     assert len(names) == 2000 and all(IFNAME.match(n) for n in names)
     for bad in ("", "Upper", "under_score", "x" * 64):

@@ -1,4 +1,4 @@
-"""The cluster PKI (braid.pki): certificates and real mutual-TLS handshakes on
+"""The cluster PKI (braid.auth.pki): certificates and real mutual-TLS handshakes on
 loopback, gRPC and asyncio/ssl, CA rotation and reloading without restarts."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from braid import pki
+from braid.auth import pki
 from braid.cli import main as cli
 
 NOW = dt.datetime.now(dt.timezone.utc)

@@ -30,11 +30,12 @@ from dataclasses import asdict, dataclass, field
 
 from prometheus_client import Counter
 
+from braid import keys
 from braid.store import Store, StoreError, Unavailable
 
 log = logging.getLogger("braid.controller.audit")
 
-AUDIT_PREFIX = "audit/"
+AUDIT_PREFIX = keys.AUDIT
 RECORDS = Counter("braid_audit_records_total", "Audit records written", ["code"])
 DROPPED = Counter("braid_audit_etcd_dropped_total", "Audit records not published to etcd")
 
@@ -184,7 +185,7 @@ class AuditLog:
     def _publish(self, rec: dict) -> None:
         assert self.store is not None
         ns = rec.pop("_ns")
-        key = f"{AUDIT_PREFIX}{ns:019d}-{secrets.token_hex(4)}"
+        key = keys.audit(f"{ns:019d}-{secrets.token_hex(4)}")
         value = json.dumps(rec, sort_keys=True).encode()
         for attempt in (1, 2):
             try:

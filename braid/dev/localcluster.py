@@ -32,8 +32,8 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from braid.libvirtd import LibvirtdError, ensure_libvirtd
-from braid.localetcd import EtcdProcess, free_port
+from braid.dev.libvirtd import LibvirtdError, ensure_libvirtd
+from braid.dev.localetcd import EtcdProcess, free_port
 
 NODE_DAEMONS = ("node-agent", "storaged", "netd")
 ENTRYPOINTS = {
@@ -118,11 +118,11 @@ class LocalCluster:
         st = self.state() or {}
         if not st.get("pki"):
             return None
-        from braid.pki import TlsFiles
+        from braid.auth.pki import TlsFiles
         return TlsFiles.for_user(st["pki"], user)
 
     def _service_tls(self, state: dict, service: str, node: str):
-        from braid.pki import TlsFiles
+        from braid.auth.pki import TlsFiles
         return TlsFiles.for_service(state["pki"], node, service)
 
     def _tls_args(self, state: dict, service: str, node: str) -> list[str]:
@@ -150,7 +150,7 @@ class LocalCluster:
                 ensure_libvirtd()
             except LibvirtdError as exc:
                 raise ClusterError(str(exc)) from None
-        from braid import etcdauth, pki
+        from braid.auth import etcdauth, pki
         pki_dir = self.data_dir / "pki"
         issued = pki.ensure_local_cluster_pki(pki_dir, state["nodes"], cluster="braid-local",
                                               users=(("admin", "admin"), (etcdauth.ROOT, "admin")))
@@ -288,7 +288,7 @@ class LocalCluster:
     def _tls_of(st: dict, user: str = "admin"):
         if not st.get("pki"):
             return None
-        from braid.pki import TlsFiles
+        from braid.auth.pki import TlsFiles
         return TlsFiles.for_user(st["pki"], user)
 
     def _remove_domains(self, st: dict) -> int:
@@ -329,7 +329,7 @@ class LocalCluster:
 
 
 def _owner(xml: str) -> str:
-    from node_agent.domain_xml import parse_braid_metadata
+    from braid.naming import parse_braid_metadata
     try:
         return parse_braid_metadata(xml).get("node", "")
     except ValueError:
@@ -351,7 +351,7 @@ def _reap(pid: int) -> None:
 
 
 def _serving(address: str, tls=None) -> bool:
-    from braid.pki import grpc_channel_credentials
+    from braid.auth.pki import grpc_channel_credentials
     try:
         with (grpc.secure_channel(address, grpc_channel_credentials(tls)) if tls
               else grpc.insecure_channel(address)) as ch:

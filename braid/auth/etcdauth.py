@@ -34,6 +34,8 @@ from __future__ import annotations
 import subprocess
 from typing import Callable
 
+from braid import keys
+
 ROOT = "root"
 
 
@@ -42,23 +44,25 @@ def permissions(service: str, node: str) -> list[tuple[str, str]]:
     a prefix ending without '/' that names one key is granted as that key only
     (``key:``)."""
     rw, r = "readwrite", "read"
-    own = [(rw, f"node/live/{node}/{service}")]
+    spec, status = keys.spec_prefix, keys.status_prefix
+    own = [(rw, keys.live(node, service))]
     if service == "controller":
         return [(rw, "")]
     if service == "scheduler":
-        return ([(r, p) for p in ("vm/", "node/", "volume/", "diskpool/", "election/")]
-                + [(rw, p) for p in ("vm/spec/", "vm/status/", "extent/", "scheduler/", "drs/")]
-                + [(rw, "key:election/scheduler")])
+        return ([(r, p) for p in (keys.kind_prefix("vm"), keys.kind_prefix("node"), keys.kind_prefix("volume"),
+                                  keys.kind_prefix("diskpool"), keys.ELECTION)]
+                + [(rw, p) for p in (spec("vm"), status("vm"), keys.EXTENT, keys.SCHEDULER, keys.DRS)]
+                + [(rw, "key:" + keys.election("scheduler"))])
     if service == "node-agent":
-        return ([(r, p) for p in ("vm/", "node/")]
-                + [(rw, p) for p in ("vm/status/", "extent/", f"key:node/status/{node}")] + own)
+        return ([(r, p) for p in (keys.kind_prefix("vm"), keys.kind_prefix("node"))]
+                + [(rw, p) for p in (status("vm"), keys.EXTENT, "key:" + keys.status("node", node))] + own)
     if service == "storaged":
-        return ([(r, p) for p in ("node/live/", "volume/spec/", "storage/quiesce/")]
-                + [(rw, p) for p in ("extent/", "storage/quiesced/", f"key:storage/usage/{node}",
-                                     f"key:storage/rebuild/{node}", f"key:diskpool/spec/{node}",
-                                     f"key:diskpool/status/{node}")] + own)
+        return ([(r, p) for p in (keys.LIVE, spec("volume"), keys.QUIESCE)]
+                + [(rw, p) for p in (keys.EXTENT, keys.QUIESCED, "key:" + keys.usage(node),
+                                     "key:" + keys.rebuild(node), "key:" + keys.spec("diskpool", node),
+                                     "key:" + keys.status("diskpool", node))] + own)
     if service == "netd":
-        return [(r, ""), (rw, f"key:net/vtep/{node}")] + own
+        return [(r, ""), (rw, "key:" + keys.vtep(node))] + own
     raise ValueError(f"no etcd permissions for service {service!r}")
 
 

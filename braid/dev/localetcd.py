@@ -36,7 +36,7 @@ class EtcdProcess:
     def __init__(self, data_dir: str | Path, client_port: int = 0, peer_port: int = 0,
                  name: str = "braid", log_path: str | Path | None = None,
                  host: str = "127.0.0.1", tls=None, client_tls=None):
-        """``tls`` (braid.pki.TlsFiles of the etcd service): clients and the peer
+        """``tls`` (braid.auth.pki.TlsFiles of the etcd service): clients and the peer
         port over TLS, client certificates required (etcd then knows a client
         by its certificate's CN); ``client_tls``: what the readiness check
         presents (a certificate of the cluster)."""

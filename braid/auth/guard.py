@@ -23,7 +23,7 @@ client per ``rate_audit_interval``, with a count of the rest).
 :func:`identify_from_context` is the usual ``identify``: a bearer token
 (``authorization: Bearer braid_...``) if one is sent, else the peer
 certificate through an injected ``cert_identity_fn`` (e.g.
-``controller.authz.pki_cert_identity``), else -- only in the explicitly
+``braid.auth.authz.pki_cert_identity``), else -- only in the explicitly
 insecure ``anonymous_admin`` mode -- an anonymous admin.
 """
 
@@ -40,11 +40,11 @@ from typing import Any, Callable
 import grpc
 from prometheus_client import Counter
 
+from braid.auth.audit import AuditEvent, AuditLog
+from braid.auth.authz import ANONYMOUS, ANONYMOUS_ADMIN, CURRENT, Decision, Identity, Policy, TokenStore
+from braid.auth.ratelimit import RateLimiter, StreamLimiter
 from braid.clock import Clock, RealClock
 from braid.store import StoreError
-from controller.audit import AuditEvent, AuditLog
-from controller.authz import ANONYMOUS, ANONYMOUS_ADMIN, CURRENT, Decision, Identity, Policy, TokenStore
-from controller.ratelimit import RateLimiter, StreamLimiter
 
 log = logging.getLogger("braid.controller.guard")
 

@@ -84,7 +84,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-log = logging.getLogger("braid.pki")
+log = logging.getLogger("braid.auth.pki")
 
 DEFAULT_PKI_DIR = Path("/etc/braid/pki")
 PKI_DIR_ENV = "BRAID_PKI_DIR"

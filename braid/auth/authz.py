@@ -50,6 +50,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from braid import keys
 from braid import kinds as K
 from braid.store import Store
 from braid.validation import NAME_RE
@@ -80,7 +81,7 @@ ANONYMOUS_ADMIN = Identity("anonymous", ANONYMOUS, "admin")
 
 
 def from_pki(ident: Any) -> Identity | None:
-    """Map a ``braid.pki.Identity`` (duck-typed: name, kind, role) to ours:
+    """Map a ``braid.auth.pki.Identity`` (duck-typed: name, kind, role) to ours:
     services get the ``service`` role, users the role of their certificate."""
     if ident is None:
         return None
@@ -93,8 +94,8 @@ def from_pki(ident: Any) -> Identity | None:
 
 def pki_cert_identity(context) -> Identity | None:
     """``cert_identity_fn`` for the guard: the peer certificate's identity
-    (``braid.pki.identity_from_grpc_context``), or None."""
-    from braid import pki
+    (``braid.auth.pki.identity_from_grpc_context``), or None."""
+    from braid.auth import pki
     return from_pki(pki.identity_from_grpc_context(context))
 
 
@@ -256,7 +257,7 @@ class Policy:
 # -- bearer tokens -------------------------------------------------------------
 
 TOKEN_PREFIX = "braid_"
-TOKENS_PREFIX = "auth/tokens/"
+TOKENS_PREFIX = keys.TOKENS
 MAX_TOKEN_LEN = 256
 MAX_TOKEN_TTL = 10 * 366 * 86400
 LEASE_GRACE = 300   # the key outlives ``expires`` by this much (verify checks expires itself)
