@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from braid import naming
 from braid.v1 import compute_pb2 as C
 from braid.v1 import meta_pb2
-from braid import naming
 from node_agent import domain_xml as D
 
 GOLDEN = Path(__file__).parent / "golden"
