@@ -50,14 +50,14 @@ def vm_problems(store: Store, vm: compute_pb2.VM, old: compute_pb2.VM | None) ->
                if d.volume and d.volume not in old_volumes]
     networks = [(i, n.network) for i, n in enumerate(s.nics)
                 if n.network and n.network not in old_networks]
-    keys = [K.KINDS["volume"].spec_key(v) for _, v in volumes]
-    keys += [K.KINDS["network"].spec_key(n) for _, n in networks]
+    wanted = [K.KINDS["volume"].spec_key(v) for _, v in volumes]
+    wanted += [K.KINDS["network"].spec_key(n) for _, n in networks]
     if s.node:
-        keys += [node_kind.status_key(s.node), node_kind.spec_key(s.node),
+        wanted += [node_kind.status_key(s.node), node_kind.spec_key(s.node),
                  keys.live(s.node, "node-agent")]
-    if not keys:
+    if not wanted:
         return []
-    got, _ = store.get_many(keys)
+    got, _ = store.get_many(wanted)
     out: list[FieldError] = []
     if s.node and changed:
         status_kv = got[node_kind.status_key(s.node)]

@@ -573,9 +573,9 @@ class Resources:
             return None
         if name not in state and not complete:
             # first time we hear of it since the watch began: read it as it was just before
-            keys = [kind.spec_key(name), kind.status_key(name)]
-            got, _ = self.store.get_many(keys, revision=ev.revision - 1)
-            st = state[name] = {"spec": got[keys[0]], "status": got[keys[1]], "live": {}}
+            wanted = [kind.spec_key(name), kind.status_key(name)]
+            got, _ = self.store.get_many(wanted, revision=ev.revision - 1)
+            st = state[name] = {"spec": got[wanted[0]], "status": got[wanted[1]], "live": {}}
             if kind.name == "node":
                 live, _ = self.store.list(keys.live_prefix(name), revision=ev.revision - 1)
                 st["live"] = {kv.key: kv for kv in live}

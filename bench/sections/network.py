@@ -78,7 +78,7 @@ def run(ctx: SectionContext) -> list[Metric]:
         ctl = cleanup.enter_context(running_controller(etcd, ctx.tmp_dir, "bench-net"))
         cleanup.callback(stop_all)
         api, store, nodes = ctl.api, ctl.store, lab.nodes
-        keys = [keys.live(n.name, "netd") for n in nodes]
+        live_keys = [keys.live(n.name, "netd") for n in nodes]
 
         def netd(i: int, wrap: list[str] = ()):
             n = nodes[i]
@@ -86,7 +86,7 @@ def run(ctx: SectionContext) -> list[Metric]:
                 "--etcd", etcd.endpoint, "--prefix", ctl.prefix, "--node", n.name,
                 "--tunnel-ip", n.ip], ctx.tmp_dir, f"netd-{n.name}", wrap=[*n.nsenter, *wrap])
 
-        def applied(rev: int, which=keys, timeout: float = WAIT) -> float:
+        def applied(rev: int, which=live_keys, timeout: float = WAIT) -> float:
             """Seconds until every ``which`` presence reports ``rev`` applied."""
             t0 = time.perf_counter()
             while True:
@@ -193,14 +193,14 @@ def run(ctx: SectionContext) -> list[Metric]:
 
         def restart(wrap: list[str] = ()) -> tuple[float, float, dict]:
             netds[0].stop()
-            _until(lambda: store.get(keys[0]) is None, "node 1's presence gone")
+            _until(lambda: store.get(live_keys[0]) is None, "node 1's presence gone")
             netds[0].state_file.unlink(missing_ok=True)   # else DaemonProc returns at once
             rev = store.revision()
             log_at = netds[0].log.stat().st_size
             t0 = time.perf_counter()
             netds[0] = netd(0, wrap)
             ready = time.perf_counter() - t0
-            took = ready + applied(rev, keys[:1])
+            took = ready + applied(rev, live_keys[:1])
             if not wrap:   # its follow-up passes are over too (py-spy never is quiet)
                 _quiet(netds[0].proc.pid)
             with open(netds[0].log) as f:   # the netd's own account of its passes, if it logs them
