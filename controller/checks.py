@@ -17,6 +17,7 @@ import logging
 
 from google.protobuf.message import Message
 
+from braid import keys
 from braid import kinds as K
 from braid.store import KV, Store
 from braid.v1 import compute_pb2, network_pb2
